@@ -1,0 +1,113 @@
+"""The configuration tree: presets, typed overrides, rejection of unknown keys, round trip."""
+
+import json
+
+import pytest
+
+from ddfast.config import (
+    PRESETS,
+    Config,
+    apply_overrides,
+    parse_cli_overrides,
+    resolve,
+)
+from ddfast.errors import ConfigError
+
+
+def test_required_presets_exist_and_validate():
+    for name in ("digits", "fashion-mnist", "imagewoof", "imagenette", "imageidc", "smoke"):
+        assert name in PRESETS
+        assert resolve(name).preset == name
+
+
+def test_imagenet_presets_carry_the_published_configuration():
+    cfg = resolve("imagewoof")
+    assert cfg.data.subset == "woof" and cfg.data.source == "imagefolder"
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs) == (1e-3, 8, 8)
+    assert (cfg.optim.ema_decay, cfg.optim.weight_decay, cfg.optim.label_dropout) == (
+        0.9999, 0.0, 0.1)
+    assert (cfg.objective.lambda_r, cfg.objective.lambda_g) == (0.002, 0.008)
+    assert (cfg.memory.real_capacity, cfg.memory.gen_capacity) == (64, 64)
+    assert (cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.sampler) == (50, 4.0, "ddpm")
+    assert cfg.sample.guidance_channels == "first3"
+    assert cfg.policy == "adaptive" and cfg.memory.timing == "step"
+    assert cfg.optim.trainable == "difffit"
+
+
+def test_typed_overrides_parse_each_type():
+    cfg = resolve("digits", {"optim.lr": "0.5", "sample.ipc": "1,10,50", "eval.enabled": "false",
+                             "data.root": "none", "optim.steps": "7"})
+    assert cfg.optim.lr == 0.5 and cfg.sample.ipc == (1, 10, 50)
+    assert cfg.eval.enabled is False and cfg.data.root is None and cfg.optim.steps == 7
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        resolve("digits", {"optim.learning_rate": "1"})
+    assert "optim.learning_rate" in str(err.value) and "optim.lr" in str(err.value)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("optim.steps", "abc", "cannot read"),
+    ("objective.method", "best", "not one of"),
+    ("optim.batch_size", "0", "at least 1"),
+    ("sample.ipc", "0", "positive"),
+    ("optim.ema_decay", "1.5", r"\[0, 1\)"),
+    ("sample.guidance_scale", "0.5", ">= 1"),
+    ("data.subset", "woof", "imagefolder only"),
+])
+def test_bad_values_are_rejected_with_a_reason(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve("digits", {key: value})
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="presets are"):
+        resolve("imagenet-21k")
+
+
+def test_policy_follows_method_unless_explicit():
+    assert resolve("digits", {"objective.method": "minimax"}).policy == "fifo"
+    assert resolve("digits", {"objective.method": "ours"}).policy == "adaptive"
+    assert resolve("digits", {"objective.method": "minimax",
+                              "memory.policy": "adaptive"}).policy == "adaptive"
+
+
+def test_cli_flags_aliases_and_equals_form():
+    got = parse_cli_overrides(["--ipc", "1,10", "--optim.lr=0.1", "--lambda-g", "0.02",
+                               "--data.test-root", "/x"])
+    assert got == {"sample.ipc": "1,10", "optim.lr": "0.1", "objective.lambda_g": "0.02",
+                   "data.test_root": "/x"}
+    with pytest.raises(ConfigError, match="unknown flag --learning-rate"):
+        parse_cli_overrides(["--learning-rate", "1"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_cli_overrides(["--ipc"])
+
+
+def test_json_round_trip_and_digest():
+    cfg = resolve("smoke", {"sample.ipc": "3,4", "data.root": "/data"})
+    back = Config.from_dict(json.loads(cfg.to_json()))
+    assert back == cfg and back.digest() == cfg.digest()
+    assert resolve("smoke").digest() != cfg.digest()
+
+
+def test_every_field_has_a_comment_and_type():
+    import dataclasses
+    import inspect
+
+    for section in dataclasses.fields(Config):
+        value = getattr(Config(), section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        src = inspect.getsource(type(value))
+        for f in dataclasses.fields(value):
+            lines = [ln for ln in src.splitlines() if ln.strip().startswith(f"{f.name}:")]
+            assert len(lines) == 1 and "#" in lines[0], (
+                f"{section.name}.{f.name} lacks a one-line comment")
+
+
+def test_apply_overrides_keeps_other_fields():
+    base = PRESETS["digits"]
+    cfg = apply_overrides(base, {"optim.lr": 0.25})
+    assert cfg.optim.lr == 0.25 and cfg.optim.batch_size == base.optim.batch_size
+    assert cfg.data == base.data
