@@ -28,6 +28,7 @@ class DataConfig:
     resolution: int = 0  # image side in pixels; 0 = the source's native size (256 for imagefolder)
     channels: int = 0  # image channels; 0 = the source's own (1 for digits/fashion-mnist, else 3)
     max_per_class: int = 0  # keep at most this many training images per class; 0 = all
+    hflip: bool = True  # random horizontal flips in training (off for digits)
     cache_dir: str = ""  # latent cache folder; "" = $DDFAST_CACHE or ~/.cache/ddfast
     encode_batch_size: int = 32  # images per VAE forward when building the latent cache
 
@@ -131,8 +132,12 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def digest(self) -> str:
-        """Short hash of the resolved config (stable across key order)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Short hash of the settings that decide results (not where or how verbosely)."""
+        d = self.to_dict()
+        for key in NON_RESULT_KEYS:
+            section, name = key.split(".")
+            d[section].pop(name, None)
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
@@ -153,6 +158,10 @@ class Config:
             return self.memory.policy
         return "fifo" if self.objective.method == "minimax" else "adaptive"
 
+
+# Settings that do not change results: outside the digest, and free to change on --resume.
+NON_RESULT_KEYS = ("run.out", "run.device", "run.progress", "run.log_every", "run.ckpt_every",
+                   "run.compile")
 
 # Allowed values of string fields with a closed set of choices.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -183,7 +192,7 @@ PRESETS: dict[str, Config] = {
     # space, then fine-tuned by the method; the whole job fits a few minutes on 2 CPU cores.
     "digits": Config(
         preset="digits",
-        data=DataConfig(source="digits"),
+        data=DataConfig(source="digits", hflip=False),
         model=ModelConfig(dit="micro", vae="none"),
         pretrain=PretrainConfig(steps=1500, lr=2e-3, batch_size=64, ema_decay=0.995, warmup=100),
         optim=OptimConfig(batch_size=32, epochs=0, steps=300, ema_decay=0.99, lr=1e-3),
@@ -212,7 +221,7 @@ PRESETS: dict[str, Config] = {
     # Tiny: every stage in seconds; used by tests and quick checks.
     "smoke": Config(
         preset="smoke",
-        data=DataConfig(source="digits", max_per_class=40),
+        data=DataConfig(source="digits", max_per_class=40, hflip=False),
         model=ModelConfig(dit="micro", vae="none"),
         pretrain=PretrainConfig(steps=40, lr=2e-3, batch_size=32, ema_decay=0.9, warmup=5),
         optim=OptimConfig(batch_size=16, epochs=0, steps=20, ema_decay=0.9),

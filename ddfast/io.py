@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from ddfast.config import NON_RESULT_KEYS
 from ddfast.errors import OutputError
 
 
@@ -112,7 +113,7 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 # Settings that do not change results, so a resumed run may use other values.
-RESUME_MAY_CHANGE = {"run.device", "run.progress", "run.log_every", "run.ckpt_every", "run.compile"}
+RESUME_MAY_CHANGE = set(NON_RESULT_KEYS)
 
 
 def prepare_run_dir(out: Path, *, config_json: str, resume: bool, overwrite: bool) -> bool:

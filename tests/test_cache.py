@@ -96,3 +96,10 @@ def test_damaged_cache_file_is_rebuilt(tmp_path):
     again = build_latents(source, vae, indices=idx, cache_dir=tmp_path)
     assert torch.equal(first.mean, again.mean)
     assert path.stat().st_size > 100
+
+
+def test_flip_can_be_switched_off(tmp_path):
+    source, idx = digits_subset()
+    lat = build_latents(source, None, indices=idx, cache_dir=tmp_path, hflip=False)
+    z = lat.draw(torch.arange(len(idx)), torch.Generator().manual_seed(0))
+    assert torch.equal(z, to_model_range(source.images(idx)))

@@ -89,6 +89,9 @@ def test_json_round_trip_and_digest():
     back = Config.from_dict(json.loads(cfg.to_json()))
     assert back == cfg and back.digest() == cfg.digest()
     assert resolve("smoke").digest() != cfg.digest()
+    # where a run goes and how it reports do not change its results
+    assert resolve("smoke", {"run.out": "/a", "run.progress": "off"}).digest() == resolve(
+        "smoke").digest()
 
 
 def test_every_field_has_a_comment_and_type():

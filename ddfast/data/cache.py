@@ -66,6 +66,7 @@ class LatentSet:
     std: torch.Tensor | None = None  # (N, 2, c, h, w) posterior standard deviation
     scale: float = 1.0  # VAE scaling factor (0.18215 for sd-vae)
     key: str = ""  # cache key ("" in pixel space)
+    hflip: bool = True  # draw the mirror image half of the time
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -78,16 +79,19 @@ class LatentSet:
     def to(self, device: torch.device | str) -> LatentSet:
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return LatentSet(move(self.labels), move(self.images), move(self.mean), move(self.std),
-                         self.scale, self.key)
+                         self.scale, self.key, self.hflip)
 
     def draw(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents z0 for the items at ``index`` (B,), each flipped with probability 1/2.
+        """Latents z0 for the items at ``index`` (B,), each flipped with probability 1/2
+        (never when ``hflip`` is off).
 
         Returns (B, c, h, w) float32 on the set's device. Randomness comes from ``generator``
         (a generator on that device) so that a resumed run draws the same latents.
         """
         device = self.labels.device
         flip = torch.randint(0, 2, (index.shape[0],), device=device, generator=generator)  # (B,)
+        if not self.hflip:
+            flip = torch.zeros_like(flip)
         if self.images is not None:
             x = to_model_range(self.images[index])  # (B, C, H, W)
             return torch.where(flip.view(-1, 1, 1, 1).bool(), x.flip(-1), x)
@@ -132,7 +136,8 @@ def encode_images(vae, images: torch.Tensor, device: torch.device,
 
 def build_latents(source, vae=None, *, indices: torch.Tensor | None = None,
                   cache_dir: str | Path | None = None, device: str | torch.device = "cpu",
-                  batch_size: int = 32, progress: bool = False) -> LatentSet:
+                  batch_size: int = 32, progress: bool = False,
+                  hflip: bool = True) -> LatentSet:
     """Latents of ``source`` (an ImageSource), from the cache when present, else encoded once.
 
     indices: (M,) the items of the source to use (all when None); part of the cache key.
@@ -147,7 +152,7 @@ def build_latents(source, vae=None, *, indices: torch.Tensor | None = None,
     labels = source.labels[indices].clone()  # (M,)
     if vae is None:
         images = _read_images(source, indices, batch_size=max(batch_size, 256), progress=progress)
-        return LatentSet(labels=labels.to(device), images=images.to(device))
+        return LatentSet(labels=labels.to(device), images=images.to(device), hflip=hflip)
 
     index_hash = hashlib.sha256(indices.numpy().tobytes()).hexdigest()
     key = cache_key(source.fingerprint() + ":" + index_hash, module_fingerprint(vae))
@@ -162,7 +167,8 @@ def build_latents(source, vae=None, *, indices: torch.Tensor | None = None,
             print(f"ddfast: latent cache {path} is unreadable ({exc}); encoding again")
         if stored is not None and torch.equal(stored["labels"], labels):
             return LatentSet(labels=labels.to(device), mean=stored["mean"].to(device),
-                             std=stored["std"].to(device), scale=scale, key=key)
+                             std=stored["std"].to(device), scale=scale, key=key,
+                             hflip=hflip)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -183,7 +189,7 @@ def build_latents(source, vae=None, *, indices: torch.Tensor | None = None,
     _atomic_save({"mean": mean, "std": std, "labels": labels}, path,
                  {"format": str(FORMAT_VERSION), "source": source.fingerprint()[:200]})
     return LatentSet(labels=labels.to(device), mean=mean.to(device), std=std.to(device),
-                     scale=scale, key=key)
+                     scale=scale, key=key, hflip=hflip)
 
 
 def _read_images(source, indices: torch.Tensor, *, batch_size: int,

@@ -1,0 +1,351 @@
+"""The whole job: data -> (from-scratch DiT) -> memory-driven fine-tuning -> sampling -> report.
+
+    python -m ddfast.train                      # the embedded default (scikit-learn digits)
+    python -m ddfast.train --preset smoke --out runs/smoke
+    python -m ddfast.train --preset imagewoof --root /data/imagenet/train \\
+        --test-root /data/imagenet/val --dit /models/DiT-XL-2-256 --decode-vae /models/sd-vae-ft-mse
+
+Every stage is resumable: rerun with --resume after a kill and the run ends exactly as an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddfast.config import ALIASES, PRESETS, Config, field_types, parse_cli_overrides, resolve
+from ddfast.data import open_source
+from ddfast.data.cache import build_latents, to_model_range
+from ddfast.data.imagenet import is_imagenet_wnid
+from ddfast.diffusion import Diffusion
+from ddfast.errors import ConfigError, DdfastError, ModelError
+from ddfast.io import prepare_run_dir, to_uint8_image, write_json
+from ddfast.memory import MemoryBank
+from ddfast.models import (
+    DIT_PRESETS,
+    VAE_PRESETS,
+    build_dit,
+    check_compatible,
+    fold_difffit,
+    load_dit,
+    load_vae,
+    null_label,
+    save_pipeline,
+    set_trainable,
+)
+from ddfast.progress import bars_enabled, log
+from ddfast.sample import class_specs, write_class_grids, write_distilled
+from ddfast.trainer import StageSpec, steps_per_epoch, train_stage
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    out: Path
+    device: torch.device
+    precision: str
+    progress: bool
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={setting} but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def parse_subset(subset: str | None) -> str | list[str] | None:
+    if not subset:
+        return None
+    return [s.strip() for s in subset.split(",") if s.strip()] if "," in subset else subset
+
+
+def open_data(cfg: Config, split: str):
+    d = cfg.data
+    root = d.test_root if (split == "test" and d.source == "imagefolder") else d.root
+    if d.source == "imagefolder" and not root:
+        flag = "--test-root" if split == "test" else "--root"
+        raise ConfigError(f"data.source=imagefolder needs a {split} folder: pass {flag} DIR "
+                          f"(a class-per-folder tree, e.g. ImageNet {split} in wnid folders)")
+    return open_source(d.source, split, root=root, subset=parse_subset(d.subset),
+                       resolution=d.resolution or None, channels=d.channels or None)
+
+
+def first_per_class(labels: torch.Tensor, limit: int) -> torch.Tensor:
+    """Indices of the first ``limit`` items of every class, in source order (all if 0)."""
+    if limit <= 0:
+        return torch.arange(labels.shape[0])
+    keep, seen = [], {}
+    for i, c in enumerate(labels.tolist()):
+        if seen.get(c, 0) < limit:
+            keep.append(i)
+            seen[c] = seen.get(c, 0) + 1
+    return torch.tensor(keep, dtype=torch.int64)
+
+
+def _is_folder(spec: str) -> bool:
+    return bool(spec) and Path(spec).expanduser().exists()
+
+
+def load_models(cfg: Config, num_classes: int, data_channels: int, resolution: int):
+    """(dit, vae, decode_vae, pretrained) as the model section asks."""
+    m = cfg.model
+    if not m.dit:
+        raise ConfigError(f"preset {cfg.preset} needs a pretrained DiT: pass --dit DIR (a "
+                          f"diffusers DiT folder such as DiT-XL-2-256) ")
+    vae = decode_vae = None
+    if m.vae in VAE_PRESETS:
+        raise ConfigError(f"model.vae={m.vae} is an untrained architecture; pass a trained VAE "
+                          f"folder (e.g. sd-vae-ft-ema) or --vae none for pixel space")
+    if m.vae not in ("none", ""):
+        vae = load_vae(str(Path(m.vae).expanduser()))
+    elif m.vae == "" and _is_folder(m.dit) and (Path(m.dit) / "vae").is_dir():
+        vae = load_vae(m.dit)
+    elif m.vae == "":
+        raise ConfigError("this preset encodes with a VAE: pass --vae DIR (sd-vae-ft-ema in "
+                          "diffusers layout), or a --dit pipeline folder that holds vae/")
+    decode_vae = load_vae(str(Path(m.decode_vae).expanduser())) if m.decode_vae else vae
+    if _is_folder(m.dit):
+        dit, pretrained = load_dit(str(Path(m.dit).expanduser())), True
+    elif m.dit in DIT_PRESETS:
+        in_ch = vae.config.latent_channels if vae is not None else data_channels
+        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        if resolution % factor:
+            raise ModelError(f"resolution {resolution} is not divisible by the VAE factor "
+                             f"{factor}; pass --resolution a multiple of {factor}")
+        torch.manual_seed(cfg.run.seed)  # the from-scratch initialisation is part of the run
+        dit = build_dit(m.dit, in_channels=in_ch, sample_size=resolution // factor,
+                        num_classes=num_classes, patch_size=m.patch_size or None)
+        pretrained = False
+    else:
+        raise ModelError(f"model.dit={m.dit!r} is neither an existing folder nor a preset; "
+                         f"presets are {', '.join(DIT_PRESETS)}")
+    return dit, vae, decode_vae, pretrained
+
+
+def conditioning_labels(cfg: Config, source, pretrained: bool) -> list[int]:
+    """The DiT label of each dataset class: its ImageNet index (a pretrained ImageNet DiT reuses
+    its class embedding) or simply the class index (a DiT trained here)."""
+    own = list(range(len(source.class_names)))
+    has_wnids = all(is_imagenet_wnid(name) for name in source.class_names)
+    mode = cfg.model.conditioning
+    if mode == "auto":
+        mode = "imagenet" if pretrained and has_wnids else "class"
+    if mode == "imagenet":
+        if not has_wnids:
+            raise ConfigError("model.conditioning=imagenet needs ImageNet wnid class folders; "
+                              "use --model.conditioning class")
+        return list(source.cond_labels)
+    return own
+
+
+def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the whole job; returns the summary (also written to <out>/summary.json)."""
+    device = pick_device(cfg.run.device)
+    precision = cfg.run.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    progress = bars_enabled(cfg.run.progress)
+    out = Path(cfg.run.out or f"runs/{cfg.preset}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    source = open_data(cfg, "train")  # checks the data before anything is written
+    test_source = open_data(cfg, "test")
+    if test_source.class_names != source.class_names:
+        raise DdfastError("the test split's classes differ from the training split's: "
+                          f"{test_source.class_names} vs {source.class_names}")
+    dit, vae, decode_vae, pretrained = load_models(
+        cfg, len(source.class_names), source.channels, source.resolution)
+    cond = conditioning_labels(cfg, source, pretrained)
+    check_compatible(dit, vae, resolution=source.resolution, data_channels=source.channels,
+                     num_classes=len(cond), cond_labels=cond)
+    if not pretrained and cfg.pretrain.steps == 0:
+        raise ConfigError(f"model.dit={cfg.model.dit} is a preset with random weights: set "
+                          f"--pretrain.steps N to train it here first, or pass a trained DiT "
+                          f"folder with --dit")
+    resumed = prepare_run_dir(out, config_json=cfg.to_json(), resume=resume, overwrite=overwrite)
+    log(f"ddfast: run folder {out} ({'resumed' if resumed else 'new'}), device {device}, "
+        f"{precision}, {len(source)} training images in {len(source.class_names)} classes")
+
+    indices = first_per_class(source.labels, cfg.data.max_per_class)
+    latents = build_latents(source, vae, indices=indices, cache_dir=cfg.data.cache_dir or None,
+                            device=device, batch_size=cfg.data.encode_batch_size,
+                            progress=progress, hflip=cfg.data.hflip)
+    timings["data"] = time.perf_counter() - t0
+    diffusion = Diffusion(device=device)
+    cond_table = torch.tensor(cond, device=device)
+    null = null_label(dit)
+    metrics = out / "metrics.jsonl"
+    scale = latents.scale
+
+    # Stage 1: a from-scratch DiT when no pretrained one was given.
+    if not pretrained:
+        t = time.perf_counter()
+        base_dir = out / "pretrained"
+        if base_dir.is_dir():
+            dit = load_dit(str(base_dir))
+        else:
+            dit = dit.to(device)
+            set_trainable(dit, "all")
+            p = cfg.pretrain
+            spec = StageSpec("pretrain", p.steps, p.batch_size, p.lr, 0.0, p.warmup,
+                             p.ema_decay, cfg.optim.label_dropout, log_every=cfg.run.log_every,
+                             ckpt_every=cfg.run.ckpt_every, seed=cfg.run.seed)
+            ema = train_stage(dit, latents, diffusion, cond_table, null, spec,
+                              ckpt_path=out / "ckpt" / "pretrain.safetensors",
+                              metrics_path=metrics, precision=precision, progress=progress)
+            ema.copy_to()
+            save_pipeline(base_dir, dit.cpu(), vae)
+        timings["pretrain"] = time.perf_counter() - t
+    dit = dit.to(device)
+
+    # Stage 2: the method.
+    model = dit
+    if cfg.objective.method != "dit":
+        t = time.perf_counter()
+        model_dir = out / "model"
+        if model_dir.is_dir():
+            model = load_dit(str(model_dir)).to(device)
+        else:
+            model = copy.deepcopy(dit)
+            set_trainable(model, cfg.optim.trainable)
+            o = cfg.optim
+            per_epoch = steps_per_epoch(len(latents), o.batch_size)
+            total = o.steps if o.steps > 0 else o.epochs * per_epoch
+            dim = int(np.prod(latents.latent_shape))
+            bank = MemoryBank(len(cond), dim, real_capacity=cfg.memory.real_capacity,
+                              gen_capacity=cfg.memory.gen_capacity, policy=cfg.policy,
+                              timing=cfg.memory.timing, device=device)
+            spec = StageSpec("finetune", total, o.batch_size, o.lr, o.weight_decay, 0,
+                             o.ema_decay, o.label_dropout, cfg.objective.lambda_r,
+                             cfg.objective.lambda_g, cfg.run.log_every, cfg.run.ckpt_every,
+                             cfg.run.seed, cfg.objective.accumulate_bug)
+            ema = train_stage(model, latents, diffusion, cond_table, null, spec,
+                              ckpt_path=out / "ckpt" / "finetune.safetensors",
+                              metrics_path=metrics, bank=bank, precision=precision,
+                              progress=progress)
+            ema.copy_to()
+            if cfg.optim.trainable == "difffit":
+                model = fold_difffit(model)
+            save_pipeline(model_dir, model.cpu(), decode_vae)
+            model = model.to(device)
+        timings["finetune"] = time.perf_counter() - t
+
+    # Stage 3: the distilled set (the largest IPC; smaller ones are its first files).
+    t = time.perf_counter()
+    classes = class_specs(source.class_names, cond)
+    ipc = max(cfg.sample.ipc)
+    s = cfg.sample
+    distilled = out / "distilled"
+    if decode_vae is not None:
+        decode_vae = decode_vae.to(device).eval()
+    write_distilled(distilled, model, decode_vae, diffusion, classes, ipc,
+                    latent_shape=latents.latent_shape, null_label=null, scale=scale,
+                    steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
+                    guidance_channels=s.guidance_channels, seed=s.seed, batch_size=s.batch_size,
+                    device=device, precision=precision, progress=progress,
+                    config_digest=cfg.digest())
+    real = {}
+    for c in classes:
+        idx = (source.labels == c.index).nonzero().flatten()[:10]
+        real[c.index] = [to_uint8_image(x) for x in to_model_range(source.images(idx))]
+    grids = write_class_grids(out / "grids", distilled, classes, real, min(ipc, 50))
+    timings["sample"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    summary = {
+        "config_digest": cfg.digest(),
+        "preset": cfg.preset,
+        "method": cfg.objective.method,
+        "policy": cfg.policy if cfg.objective.method != "dit" else None,
+        "device": str(device),
+        "run_folder": str(out),
+        "distilled": str(distilled),
+        "ipc": list(cfg.sample.ipc),
+        "model": str(out / "model") if cfg.objective.method != "dit" else None,
+        "grids": [str(p) for p in grids],
+        "metrics": str(metrics),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }
+    write_json(out / "summary.json", summary)
+    log(f"ddfast: done in {timings['total']:.1f} s")
+    log(f"  distilled set : {distilled}/<class>/<index>.png "
+        f"(IPC k = the first k files of each class)")
+    log(f"  class grids   : {out / 'grids'}")
+    if summary["model"]:
+        log(f"  model         : {summary['model']} (diffusers format)")
+    log(f"  metrics       : {metrics}")
+    log(f"  summary       : {out / 'summary.json'}")
+    return summary
+
+
+def help_text() -> str:
+    import ddfast.config as config_module
+
+    src = inspect.getsource(config_module)
+    lines = [__doc__.strip(), "", "options:",
+             "  --preset NAME     " + " | ".join(PRESETS) + " (default digits)",
+             "  --resume          continue the run in --out after an interruption",
+             "  --overwrite       delete the run in --out and start over",
+             "", "settings (--section.field VALUE):"]
+    for key in field_types():
+        if "." not in key:
+            continue
+        name = key.split(".", 1)[1]
+        comment = next((ln.split("#", 1)[1].strip() for ln in src.splitlines()
+                        if ln.strip().startswith(f"{name}:") and "#" in ln), "")
+        alias = next((a for a, k in ALIASES.items() if k == key), None)
+        flag = f"--{key}" + (f" (--{alias})" if alias else "")
+        lines.append(f"  {flag:<44} {comment}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(help_text())
+        return 0
+    preset, resume, overwrite, rest = "digits", False, False, []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--resume":
+            resume = True
+        elif a == "--overwrite":
+            overwrite = True
+        elif a == "--preset" or a.startswith("--preset="):
+            if "=" in a:
+                preset = a.split("=", 1)[1]
+            elif i + 1 < len(args):
+                preset, i = args[i + 1], i + 1
+            else:
+                print("error: --preset needs a name", file=sys.stderr)
+                return 2
+        else:
+            rest.append(a)
+        i += 1
+    try:
+        cfg = resolve(preset, parse_cli_overrides(rest))
+        run(cfg, resume=resume, overwrite=overwrite)
+    except DdfastError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

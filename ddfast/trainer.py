@@ -1,0 +1,192 @@
+"""The training loop, one readable function for both stages.
+
+``pretrain``: a small DiT learns the data from scratch (all parameters, DiT's hybrid loss).
+``finetune``: the method (method.md sections 2-3): DiT's hybrid loss plus the representativeness
+and diversity terms against per-class memories of real and generated latents, which are updated
+after the loss of every step (or staged and pruned at the end of each epoch).
+
+The step draws everything it needs from one device generator whose state is checkpointed, and
+the data order of each epoch is a pure function of (seed, stage, epoch), so a resumed run ends
+exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddfast.checkpoint import load_checkpoint, optimizer_from_tensors, save_checkpoint
+from ddfast.data.cache import LatentSet
+from ddfast.diffusion import Diffusion
+from ddfast.errors import DdfastError
+from ddfast.io import append_jsonl
+from ddfast.memory import MemoryBank
+from ddfast.models import EMA
+from ddfast.progress import bar, log
+
+
+class NonFiniteLossError(DdfastError, FloatingPointError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # pretrain | finetune
+    steps: int  # total optimiser steps of the stage
+    batch_size: int  # images per step
+    lr: float  # AdamW learning rate (after warm-up)
+    weight_decay: float  # AdamW weight decay
+    warmup: int  # linear warm-up steps (0 = constant from the start)
+    ema_decay: float  # EMA decay of the trainable parameters
+    label_dropout: float  # probability of conditioning on the null class
+    lambda_r: float = 0.0  # representativeness weight (finetune)
+    lambda_g: float = 0.0  # diversity weight (finetune)
+    log_every: int = 50  # steps between log lines
+    ckpt_every: int = 500  # steps between checkpoints
+    seed: int = 0  # run seed
+    accumulate_bug: bool = False  # released loop's repeated class sums (not the method)
+
+
+def steps_per_epoch(num_items: int, batch_size: int) -> int:
+    """Full batches per pass; the last partial batch is dropped, as the published loops do."""
+    return max(1, num_items // batch_size)
+
+
+def epoch_order(num_items: int, seed: int, stage: str, epoch: int) -> torch.Tensor:
+    """The item order of one epoch: a permutation fixed by (seed, stage, epoch)."""
+    digest = hashlib.sha256(f"{seed}:{stage}:{epoch}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randperm(num_items, generator=gen)  # (N,)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion,
+                cond_table: torch.Tensor, null_label: int, spec: StageSpec, *,
+                ckpt_path: Path, metrics_path: Path, bank: MemoryBank | None = None,
+                precision: str = "fp32", progress: bool = False) -> EMA:
+    """Train ``model`` in place for ``spec.steps`` steps (resuming from ``ckpt_path``).
+
+    cond_table: (C,) conditioning label of each dataset class. Returns the EMA of the trainable
+    parameters at the end of the stage. The model stays in eval mode: diffusers' DiT would
+    otherwise drop labels with its own fixed rate and global RNG, and ddfast drops them itself.
+    """
+    device = latents.labels.device
+    model.eval()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay,
+                            foreach=not fused, fused=fused or None)
+    ema = EMA(params, decay=spec.ema_decay)
+    stage_seed = hashlib.sha256(f"{spec.seed}:{spec.name}:draws".encode()).digest()
+    gen = torch.Generator(device=device).manual_seed(int.from_bytes(stage_seed[:8], "little") >> 1)
+    per_epoch = steps_per_epoch(len(latents), spec.batch_size)
+    start = 0
+    if ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(ck["params"][name])
+        ema.load_state_dict(ck["ema"])
+        optimizer_from_tensors(opt, *ck["optimizer"])
+        gen.set_state(ck["rng"])
+        if bank is not None:
+            bank.load_state_dict(ck["memory"])
+        start = ck["step"]
+        if start < spec.steps:
+            log(f"[{spec.name}] resuming at step {start}/{spec.steps}")
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt_path, step=step, params={n: p for n, p in named},
+                        ema=ema.state_dict(), optimizer=opt, generator=gen,
+                        memory=bank.state_dict() if bank is not None else None,
+                        extra={"stage": spec.name, "steps": spec.steps})
+
+    sums = torch.zeros(5, device=device)  # loss, mse, vb, rep, div over the log window
+    window_start, window_steps = time.perf_counter(), 0
+    order, order_epoch = None, -1
+    pbar = bar(total=spec.steps, initial=start, enabled=progress, desc=spec.name, unit="step")
+    for step in range(start, spec.steps):
+        epoch, pos = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            order = epoch_order(len(latents), spec.seed, spec.name, epoch).to(device)
+            order_epoch = epoch
+        idx = order[pos * spec.batch_size:(pos + 1) * spec.batch_size]  # (B,)
+        labels = latents.labels[idx]  # (B,) dataset classes
+        z0 = latents.draw(idx, gen)  # (B, c, h, w)
+        t = torch.randint(0, diffusion.num_steps, (idx.shape[0],), device=device, generator=gen)
+        noise = torch.randn(z0.shape, device=device, generator=gen)
+        drop = torch.rand(idx.shape[0], device=device, generator=gen) < spec.label_dropout
+        y = torch.where(drop, torch.full_like(labels, null_label), cond_table[labels])  # (B,)
+        lr = spec.lr * min(1.0, (step + 1) / spec.warmup) if spec.warmup > 0 else spec.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        z_t = diffusion.q_sample(z0, t, noise)
+        with _autocast(device, precision):
+            out = model(z_t, timestep=t, class_labels=y, return_dict=False)[0]
+        terms = diffusion.training_losses(out.float(), z0, z_t, t, noise)
+        loss = terms["loss"].mean()
+        rep = div = torch.zeros((), device=device)
+        if bank is not None:
+            x0_flat = terms["x0_hat"].flatten(1)  # (B, D) fp32, carries gradient
+            mm = bank.loss(x0_flat, labels, lambda_r=spec.lambda_r, lambda_g=spec.lambda_g,
+                           accumulate_bug=spec.accumulate_bug)
+            loss = loss + mm.total
+            rep, div = mm.rep.sum(), mm.div.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update()
+        if bank is not None:
+            bank.update(z0.flatten(1), x0_flat.detach(), labels)
+            if (step + 1) % per_epoch == 0:
+                bank.end_epoch()
+
+        sums += torch.stack([loss.detach(), terms["mse"].mean().detach(),
+                             terms["vb"].mean().detach(), rep.detach(), div.detach()])
+        window_steps += 1
+        pbar.update(1)
+        done = step + 1
+        if done % spec.log_every == 0 or done == spec.steps:
+            values = (sums / window_steps).tolist()  # the one host sync per log window
+            if not all(math.isfinite(v) for v in values):
+                raise NonFiniteLossError(
+                    f"[{spec.name}] the loss became {values[0]} at step {done}; the last good "
+                    f"checkpoint {ckpt_path} is kept. Lower the learning rate (--optim.lr or "
+                    f"--pretrain.lr) or check the data, then resume")
+            elapsed = time.perf_counter() - window_start
+            record = {"stage": spec.name, "step": done, "epoch": epoch, "lr": lr,
+                      "loss": values[0], "mse": values[1], "vb": values[2], "rep": values[3],
+                      "div": values[4], "images_per_s": window_steps * spec.batch_size / elapsed}
+            if bank is not None:
+                record["memory_cos_real"] = _nanmean(bank.real.mean_pairwise_cosine())
+                record["memory_cos_gen"] = _nanmean(bank.gen.mean_pairwise_cosine())
+            append_jsonl(metrics_path, record)
+            log(f"[{spec.name}] step {done}/{spec.steps} loss {values[0]:.4f} "
+                f"(mse {values[1]:.4f} vb {values[2]:.4f} rep {values[3]:.5f} "
+                f"div {values[4]:.5f}) {record['images_per_s']:.0f} img/s")
+            sums.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+        if done % spec.ckpt_every == 0 and done < spec.steps:
+            checkpoint(done)
+    pbar.close()
+    if start < spec.steps or not ckpt_path.is_file():
+        checkpoint(spec.steps)
+    return ema
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else float("nan")

@@ -1,0 +1,157 @@
+"""The whole job end to end: outputs, resume after a kill, guards, baselines, real-use paths."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddfast.sample as sample_mod
+import ddfast.trainer as trainer_mod
+from ddfast.config import resolve
+from ddfast.errors import OutputError
+from ddfast.models import build_dit, build_vae, load_dit, save_pipeline
+from ddfast.train import main, run
+
+
+def smoke(out: Path, **overrides):
+    return resolve("smoke", {"run.out": str(out), "run.progress": "off", **overrides})
+
+
+def tree_bytes(root: Path, pattern: str) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob(pattern))}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    summary = run(smoke(out))
+    return out, summary
+
+
+def test_smoke_run_writes_every_output(finished):
+    out, summary = finished
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "smoke" and summary["config_digest"]
+    manifest = json.loads((out / "distilled" / "manifest.json").read_text())
+    assert manifest["ipc"] == 2 and len(manifest["images"]) == 20
+    assert len({im["seed"] for im in manifest["images"]}) == 20
+    for c in manifest["classes"]:
+        files = sorted((out / "distilled" / c["folder"]).glob("*.png"))
+        assert [f.name for f in files] == ["00000.png", "00001.png"]
+        img = np.asarray(Image.open(files[0]))
+        assert img.shape == (8, 8) and img.dtype == np.uint8 and img.std() > 0
+    assert len(list((out / "grids").glob("*.png"))) == 10
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    stages = {x["stage"] for x in lines}
+    assert stages == {"pretrain", "finetune"}
+    fine = [x for x in lines if x["stage"] == "finetune"]
+    assert all(x["div"] > 0 and x["rep"] > 0 for x in fine)  # the memory terms are on
+    assert load_dit(str(out / "model")).config.num_embeds_ada_norm == 10
+    assert not list(out.rglob("*.tmp"))
+
+
+def _kill_after(monkeypatch, module, name, when):
+    """Make module.name raise KeyboardInterrupt (a kill) once when(*args, **kw) holds."""
+    real = getattr(module, name)
+    state = {"fired": False}
+
+    def wrapper(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not state["fired"] and when(*args, **kwargs):
+            state["fired"] = True
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(module, name, wrapper)
+    return state
+
+
+@pytest.mark.parametrize("point", ["pretrain", "finetune", "sampling"])
+def test_killed_run_resumes_to_identical_outputs(finished, tmp_path, monkeypatch, point):
+    reference, _ = finished
+    out = tmp_path / "b"
+    if point == "sampling":
+        count = {"n": 0}
+
+        def nth_png(path, arr):
+            count["n"] += 1
+            return count["n"] == 7
+        state = _kill_after(monkeypatch, sample_mod, "write_png", nth_png)
+    else:
+        state = _kill_after(monkeypatch, trainer_mod, "save_checkpoint",
+                            lambda path, **kw: kw["extra"]["stage"] == point and kw["step"] == 15)
+    with pytest.raises(KeyboardInterrupt):
+        run(smoke(out))
+    assert state["fired"]
+    monkeypatch.undo()
+    with pytest.raises(OutputError, match="--resume"):
+        run(smoke(out))
+    run(smoke(out), resume=True)
+    for pattern in ("model/transformer/*.safetensors", "distilled/*/*.png",
+                    "distilled/manifest.json"):
+        got, want = tree_bytes(out, pattern), tree_bytes(reference, pattern)
+        assert got.keys() == want.keys() and got, pattern
+        assert got == want, f"{pattern} differs after resuming from a kill during {point}"
+
+
+def test_baselines_dit_and_minimax(tmp_path):
+    dit = run(smoke(tmp_path / "dit", **{"objective.method": "dit"}))
+    assert dit["model"] is None and not (tmp_path / "dit" / "model").exists()
+    assert (tmp_path / "dit" / "pretrained").is_dir()
+    mm = run(smoke(tmp_path / "mm", **{"objective.method": "minimax"}))
+    assert mm["policy"] == "fifo"
+
+
+def test_cli_reports_bad_input_and_writes_nothing(tmp_path, capsys):
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--bogus", "1"]) == 2
+    assert "unknown flag --bogus" in capsys.readouterr().err
+    assert main(["--preset", "imagewoof", "--out", str(tmp_path / "y")]) == 2
+    assert "--root" in capsys.readouterr().err
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "z"),
+                 "--model.dit", str(tmp_path / "nope")]) == 2
+    assert "neither an existing folder nor a preset" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+    assert main(["--help"]) == 0
+    assert "--objective.lambda_g" in capsys.readouterr().out
+
+
+def test_pretrained_dit_folder_vae_cache_and_imagenet_conditioning(tmp_path):
+    rng = np.random.default_rng(0)
+    wnids = ["n02096294", "n02093754"]  # ImageNet 193 and 182 (ImageWoof)
+    for split in ("train", "val"):
+        for w in wnids:
+            (tmp_path / split / w).mkdir(parents=True)
+            for k in range(6):
+                arr = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(tmp_path / split / w / f"{k}.png")
+    torch.manual_seed(0)
+    dit = build_dit("micro", in_channels=4, sample_size=8, num_classes=1000)
+    vae = build_vae("small", in_channels=3, sample_size=16)
+    save_pipeline(tmp_path / "weights", dit, vae)
+    overrides = {
+        "run.out": str(tmp_path / "run"), "run.progress": "off",
+        "data.root": str(tmp_path / "train"),
+        "data.test_root": str(tmp_path / "val"), "data.subset": ",".join(wnids),
+        "data.resolution": "16", "data.cache_dir": str(tmp_path / "cache"),
+        "model.dit": str(tmp_path / "weights"), "optim.steps": "4", "optim.batch_size": "4",
+        "memory.real_capacity": "3", "memory.gen_capacity": "3", "sample.ipc": "2",
+        "sample.steps": "3", "run.log_every": "2",
+    }
+    summary = run(resolve("imagewoof", overrides))
+    manifest = json.loads((tmp_path / "run" / "distilled" / "manifest.json").read_text())
+    assert [c["cond_label"] for c in manifest["classes"]] == [193, 182]
+    assert [c["folder"] for c in manifest["classes"]] == wnids
+    assert len(list((tmp_path / "cache").glob("latents-*.safetensors"))) == 1
+    img = np.asarray(Image.open(tmp_path / "run" / "distilled" / wnids[0] / "00000.png"))
+    assert img.shape == (16, 16, 3)
+    from diffusers import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(summary["model"], local_files_only=True)
+    assert pipe.transformer.config.num_embeds_ada_norm == 1000
+    # a second run reuses the latent cache
+    overrides["run.out"] = str(tmp_path / "run2")
+    run(resolve("imagewoof", overrides))
+    assert len(list((tmp_path / "cache").glob("latents-*.safetensors"))) == 1
