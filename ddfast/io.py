@@ -116,11 +116,13 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 RESUME_MAY_CHANGE = set(NON_RESULT_KEYS)
 
 
-def prepare_run_dir(out: Path, *, config_json: str, resume: bool, overwrite: bool) -> bool:
+def prepare_run_dir(out: Path, *, config_json: str, resume: bool, overwrite: bool,
+                    write: bool = True) -> bool:
     """Create or reopen a run folder. Returns True when an earlier run's state is reused.
 
     An existing run folder is never replaced silently: resuming needs --resume (and the same
-    configuration), starting over needs --overwrite.
+    configuration), starting over needs --overwrite. With ``write=False`` only the checks run,
+    so a job can refuse early and still write nothing until its inputs have been read.
     """
     out = Path(out)
     cfg_path = out / "config.json"
@@ -142,8 +144,10 @@ def prepare_run_dir(out: Path, *, config_json: str, resume: bool, overwrite: boo
     if out.is_dir() and any(out.iterdir()):
         if not cfg_path.is_file():
             raise OutputError(f"{out} is not empty and holds no ddfast run; choose another --out")
-        shutil.rmtree(out)  # --overwrite of an earlier ddfast run, asked for explicitly
-    write_text(cfg_path, config_json)
+        if write:
+            shutil.rmtree(out)  # --overwrite of an earlier ddfast run, asked for explicitly
+    if write:
+        write_text(cfg_path, config_json)
     return False
 
 

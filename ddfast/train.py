@@ -75,8 +75,9 @@ def open_data(cfg: Config, split: str):
     root = d.test_root if (split == "test" and d.source == "imagefolder") else d.root
     if d.source == "imagefolder" and not root:
         flag = "--test-root" if split == "test" else "--root"
+        example = "ImageNet val" if split == "test" else "ImageNet train"
         raise ConfigError(f"data.source=imagefolder needs a {split} folder: pass {flag} DIR "
-                          f"(a class-per-folder tree, e.g. ImageNet {split} in wnid folders)")
+                          f"(a class-per-folder tree, e.g. {example} in wnid folders)")
     return open_source(d.source, split, root=root, subset=parse_subset(d.subset),
                        resolution=d.resolution or None, channels=d.channels or None)
 
@@ -174,14 +175,16 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         raise ConfigError(f"model.dit={cfg.model.dit} is a preset with random weights: set "
                           f"--pretrain.steps N to train it here first, or pass a trained DiT "
                           f"folder with --dit")
-    resumed = prepare_run_dir(out, config_json=cfg.to_json(), resume=resume, overwrite=overwrite)
-    log(f"ddfast: run folder {out} ({'resumed' if resumed else 'new'}), device {device}, "
-        f"{precision}, {len(source)} training images in {len(source.class_names)} classes")
-
+    # Refuse an occupied run folder before spending anything; write only once the data is read.
+    prepare_run_dir(out, config_json=cfg.to_json(), resume=resume, overwrite=overwrite,
+                    write=False)
     indices = first_per_class(source.labels, cfg.data.max_per_class)
     latents = build_latents(source, vae, indices=indices, cache_dir=cfg.data.cache_dir or None,
                             device=device, batch_size=cfg.data.encode_batch_size,
                             progress=progress, hflip=cfg.data.hflip)
+    resumed = prepare_run_dir(out, config_json=cfg.to_json(), resume=resume, overwrite=overwrite)
+    log(f"ddfast: run folder {out} ({'resumed' if resumed else 'new'}), device {device}, "
+        f"{precision}, {len(latents)} training images in {len(source.class_names)} classes")
     timings["data"] = time.perf_counter() - t0
     diffusion = Diffusion(device=device)
     cond_table = torch.tensor(cond, device=device)

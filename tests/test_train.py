@@ -113,7 +113,17 @@ def test_cli_reports_bad_input_and_writes_nothing(tmp_path, capsys):
     assert main(["--preset", "smoke", "--out", str(tmp_path / "z"),
                  "--model.dit", str(tmp_path / "nope")]) == 2
     assert "neither an existing folder nor a preset" in capsys.readouterr().err
-    assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+    # a corrupt image is found while the data is read, before the run folder is written
+    for w in ("n02096294", "n02093754"):
+        (tmp_path / "tree" / w).mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "tree" / w / "a.png")
+    (tmp_path / "tree" / "n02093754" / "b.png").write_bytes(b"not an image")
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "c"), "--source", "imagefolder",
+                 "--root", str(tmp_path / "tree"), "--test-root", str(tmp_path / "tree"),
+                 "--resolution", "8", "--data.hflip", "true",
+                 "--data.channels", "1", "--data.max_per_class", "0"]) == 2
+    assert "b.png" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "c"))
     assert main(["--help"]) == 0
     assert "--objective.lambda_g" in capsys.readouterr().out
 
