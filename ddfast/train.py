@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ddfast.data.cache import build_latents, to_model_range
 from ddfast.data.imagenet import is_imagenet_wnid
 from ddfast.diffusion import Diffusion
 from ddfast.errors import ConfigError, DdfastError, ModelError
-from ddfast.io import prepare_run_dir, to_uint8_image, write_json
+from ddfast.io import prepare_run_dir, to_uint8_image, write_json, write_text
 from ddfast.memory import MemoryBank
 from ddfast.models import (
     DIT_PRESETS,
@@ -265,6 +266,14 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         real[c.index] = [to_uint8_image(x) for x in to_model_range(source.images(idx))]
     grids = write_class_grids(out / "grids", distilled, classes, real, min(ipc, 50))
     timings["sample"] = time.perf_counter() - t
+
+    # Stage 4: train fresh classifiers on the distilled set, test on real data (method.md 5).
+    table = None
+    if cfg.eval.enabled:
+        t = time.perf_counter()
+        table = evaluate_distilled(cfg, distilled, source, test_source, out / "eval", device,
+                                   progress)
+        timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     summary = {
@@ -278,10 +287,14 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         "ipc": list(cfg.sample.ipc),
         "model": str(out / "model") if cfg.objective.method != "dit" else None,
         "grids": [str(p) for p in grids],
+        "evaluation": str(out / "eval" / "results.md") if table else None,
         "metrics": str(metrics),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
     write_json(out / "summary.json", summary)
+    write_text(out / "report.md", report_text(cfg, summary, table))
+    if table:
+        log("\n" + table)
     log(f"ddfast: done in {timings['total']:.1f} s")
     log(f"  distilled set : {distilled}/<class>/<index>.png "
         f"(IPC k = the first k files of each class)")
@@ -289,8 +302,54 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     if summary["model"]:
         log(f"  model         : {summary['model']} (diffusers format)")
     log(f"  metrics       : {metrics}")
+    if table:
+        log(f"  evaluation    : {out / 'eval'} (results.md, per-IPC results.json)")
+    log(f"  report        : {out / 'report.md'}")
     log(f"  summary       : {out / 'summary.json'}")
     return summary
+
+
+def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: Path,
+                       device: torch.device, progress: bool) -> str:
+    """Evaluate the IPC-k subsets of the distilled set; each finished IPC is kept on disk, so a
+    resumed run evaluates only what is missing. Returns the merged markdown table."""
+    from ddfast.eval import evaluate, load_folder_set, merge_tables, write_results
+
+    test_x = test_source.images(range(len(test_source)))  # (N, C, H, W) uint8
+    records = []
+    for ipc in sorted(cfg.sample.ipc):
+        done = out / f"ipc{ipc}" / "results.json"
+        if done.is_file():
+            records.append(json.loads(done.read_text()))
+            continue
+        x, y, names = load_folder_set(distilled, ipc=ipc)
+        if list(names) != list(source.class_names):
+            raise DdfastError(f"the distilled classes {names} differ from the data's "
+                              f"{source.class_names}; rerun sampling with --overwrite")
+        log(f"[eval] IPC {ipc}: {', '.join(cfg.eval.networks)} x {cfg.eval.repeats} "
+            f"({cfg.eval.protocol} protocol)")
+        result = evaluate(x, y, test_x, test_source.labels, networks=cfg.eval.networks,
+                          repeats=cfg.eval.repeats, epochs=cfg.eval.epochs,
+                          protocol=cfg.eval.protocol, device=device, seed=cfg.run.seed,
+                          batch_size=cfg.eval.batch_size, progress=progress)
+        records.append(write_results(out / f"ipc{ipc}", result, method=cfg.objective.method,
+                                     ipc=ipc))
+    table = merge_tables(records)
+    write_text(out / "results.md", table)
+    return table
+
+
+def report_text(cfg: Config, summary: dict, table: str | None) -> str:
+    """The run's report: what ran, where the outputs are, the evaluation table, timings."""
+    lines = [f"# ddfast run: {cfg.preset}, method {cfg.objective.method}", "",
+             f"Config digest `{summary['config_digest']}`, device {summary['device']}.", ""]
+    if table:
+        lines += ["## Evaluation", "", table, ""]
+    lines += ["## Class grids (real images on top, distilled below)", ""]
+    lines += [f"![{Path(g).stem}](grids/{Path(g).name})" for g in summary["grids"]]
+    lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in summary["timings_s"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def help_text() -> str:

@@ -50,6 +50,14 @@ def test_smoke_run_writes_every_output(finished):
     fine = [x for x in lines if x["stage"] == "finetune"]
     assert all(x["div"] > 0 and x["rep"] > 0 for x in fine)  # the memory terms are on
     assert load_dit(str(out / "model")).config.num_embeds_ada_norm == 10
+    result = json.loads((out / "eval" / "ipc2" / "results.json").read_text())
+    assert result["ipc"] == 2 and result["epochs"] == 2 and result["num_train"] == 20
+    run0 = result["networks"]["convnet3"]["runs"][0]
+    assert run0["best"] == max(p["acc"] for p in run0["curve"])
+    assert run0["last"] == run0["curve"][-1]["acc"]
+    report = (out / "report.md").read_text()
+    assert "| ours | 2 |" in report and "grids/0.png" in report
+    assert summary["evaluation"] and summary["timings_s"]["eval"] > 0
     assert not list(out.rglob("*.tmp"))
 
 
@@ -148,7 +156,8 @@ def test_pretrained_dit_folder_vae_cache_and_imagenet_conditioning(tmp_path):
         "data.resolution": "16", "data.cache_dir": str(tmp_path / "cache"),
         "model.dit": str(tmp_path / "weights"), "optim.steps": "4", "optim.batch_size": "4",
         "memory.real_capacity": "3", "memory.gen_capacity": "3", "sample.ipc": "2",
-        "sample.steps": "3", "run.log_every": "2",
+        "sample.steps": "3", "run.log_every": "2", "eval.networks": "resnetap10",
+        "eval.repeats": "1", "eval.epochs": "1",
     }
     summary = run(resolve("imagewoof", overrides))
     manifest = json.loads((tmp_path / "run" / "distilled" / "manifest.json").read_text())
