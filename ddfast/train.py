@@ -83,8 +83,9 @@ def open_data(cfg: Config, split: str):
                        resolution=d.resolution or None, channels=d.channels or None)
 
 
-def first_per_class(labels: torch.Tensor, limit: int) -> torch.Tensor:
-    """Indices of the first ``limit`` items of every class, in source order (all if 0)."""
+def cap_per_class(labels: torch.Tensor, limit: int) -> torch.Tensor:
+    """Indices of at most ``limit`` items of every class (the first ones), in source order;
+    all items when ``limit`` is 0. Unlike the evaluation subset rule, fewer is not an error."""
     if limit <= 0:
         return torch.arange(labels.shape[0])
     keep, seen = [], {}
@@ -179,7 +180,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     # Refuse an occupied run folder before spending anything; write only once the data is read.
     prepare_run_dir(out, config_json=cfg.to_json(), resume=resume, overwrite=overwrite,
                     write=False)
-    indices = first_per_class(source.labels, cfg.data.max_per_class)
+    indices = cap_per_class(source.labels, cfg.data.max_per_class)
     latents = build_latents(source, vae, indices=indices, cache_dir=cfg.data.cache_dir or None,
                             device=device, batch_size=cfg.data.encode_batch_size,
                             progress=progress, hflip=cfg.data.hflip)
