@@ -18,14 +18,7 @@ from ddfast.diffusion import Diffusion, guided_output, image_seed, respaced_time
 BETAS = np.linspace(1e-4, 0.02, 1000)  # float64, the reference schedule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP's spinning
-    # threads slow each forward ~100x; restore the setting for the other test files.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_dit(classes: int = 1000, seed: int = 0) -> DiTTransformer2DModel:

@@ -8,14 +8,7 @@ import torch
 
 import ddfast.eval.augment as aug
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 OpenMP threads on 2 busy cores spin-wait; one thread keeps the file fast when loaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def coordinate_image(b: int, size: int) -> torch.Tensor:

@@ -10,15 +10,7 @@ from torch import nn
 from ddfast.data import open_source
 from ddfast.eval.networks import NETWORKS, BasicBlock, build_network
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one intra-op thread: with 2 OpenMP threads on 2 cores, any other busy process makes
-    every small op spin-wait (measured 15x slower); one thread is never more than ~1.5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(net: nn.Module) -> int:
