@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ddfast.config import ALIASES, PRESETS, Config, field_types, parse_cli_overrides, resolve
-from ddfast.data import open_source
+from ddfast.data import check_same_classes, open_source
 from ddfast.data.cache import build_latents, to_model_range
 from ddfast.data.imagenet import is_imagenet_wnid
 from ddfast.diffusion import Diffusion
@@ -41,6 +41,7 @@ from ddfast.models import (
     null_label,
     save_pipeline,
     set_trainable,
+    vae_factor,
 )
 from ddfast.progress import bars_enabled, log
 from ddfast.sample import class_specs, write_class_grids, write_distilled
@@ -122,7 +123,7 @@ def load_models(cfg: Config, num_classes: int, data_channels: int, resolution: i
         dit, pretrained = load_dit(str(Path(m.dit).expanduser())), True
     elif m.dit in DIT_PRESETS:
         in_ch = vae.config.latent_channels if vae is not None else data_channels
-        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        factor = vae_factor(vae)
         if resolution % factor:
             raise ModelError(f"resolution {resolution} is not divisible by the VAE factor "
                              f"{factor}; pass --resolution a multiple of {factor}")
@@ -165,9 +166,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
 
     source = open_data(cfg, "train")  # checks the data before anything is written
     test_source = open_data(cfg, "test")
-    if test_source.class_names != source.class_names:
-        raise DdfastError("the test split's classes differ from the training split's: "
-                          f"{test_source.class_names} vs {source.class_names}")
+    check_same_classes(source, test_source)
     dit, vae, decode_vae, pretrained = load_models(
         cfg, len(source.class_names), source.channels, source.resolution)
     cond = conditioning_labels(cfg, source, pretrained)
