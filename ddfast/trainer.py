@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from ddfast.checkpoint import load_checkpoint, optimizer_from_tensors, save_chec
 from ddfast.data.cache import LatentSet
 from ddfast.diffusion import Diffusion
 from ddfast.errors import DdfastError
-from ddfast.io import append_jsonl
+from ddfast.io import append_jsonl, read_jsonl, write_text
 from ddfast.memory import MemoryBank
 from ddfast.models import EMA
 from ddfast.progress import bar, log
@@ -104,6 +105,10 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
         if bank is not None:
             bank.load_state_dict(ck["memory"])
         start = ck["step"]
+        # Log lines written after this checkpoint, before the kill, will be written again.
+        kept = [r for r in read_jsonl(metrics_path)
+                if r.get("stage") != spec.name or r.get("step", 0) <= start]
+        write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         if start < spec.steps:
             log(f"[{spec.name}] resuming at step {start}/{spec.steps}")
 

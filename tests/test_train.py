@@ -77,7 +77,7 @@ def _kill_after(monkeypatch, module, name, when):
     return state
 
 
-@pytest.mark.parametrize("point", ["pretrain", "finetune", "sampling"])
+@pytest.mark.parametrize("point", ["pretrain", "finetune", "logging", "sampling"])
 def test_killed_run_resumes_to_identical_outputs(finished, tmp_path, monkeypatch, point):
     reference, _ = finished
     out = tmp_path / "b"
@@ -88,6 +88,9 @@ def test_killed_run_resumes_to_identical_outputs(finished, tmp_path, monkeypatch
             count["n"] += 1
             return count["n"] == 7
         state = _kill_after(monkeypatch, sample_mod, "write_png", nth_png)
+    elif point == "logging":  # after a log line that is newer than the last checkpoint
+        state = _kill_after(monkeypatch, trainer_mod, "append_jsonl",
+                            lambda path, rec: rec["stage"] == "pretrain" and rec["step"] == 20)
     else:
         state = _kill_after(monkeypatch, trainer_mod, "save_checkpoint",
                             lambda path, **kw: kw["extra"]["stage"] == point and kw["step"] == 15)
@@ -98,6 +101,10 @@ def test_killed_run_resumes_to_identical_outputs(finished, tmp_path, monkeypatch
     with pytest.raises(OutputError, match="--resume"):
         run(smoke(out))
     run(smoke(out), resume=True)
+    steps = [(r["stage"], r["step"]) for r in map(json.loads,
+                                                  (out / "metrics.jsonl").read_text().splitlines())]
+    assert len(steps) == len(set(steps)) and steps == sorted(steps, key=lambda x: (
+        x[0] != "pretrain", x[1]))  # each log line once, in order, despite the kill
     for pattern in ("model/transformer/*.safetensors", "distilled/*/*.png",
                     "distilled/manifest.json"):
         got, want = tree_bytes(out, pattern), tree_bytes(reference, pattern)
