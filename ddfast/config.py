@@ -93,11 +93,11 @@ class SampleConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     enabled: bool = True  # evaluate the distilled sets after sampling
-    protocol: str = "small"  # small (28-32 px, ConvNet-3) | imagenet-subset (224 px)
+    protocol: str = "small"  # small (IDC recipe, 28-32 px) | dc (DC/DSA recipe) | imagenet-subset
     networks: tuple[str, ...] = ("convnet3",)  # networks trained on each distilled set
     repeats: int = 3  # runs per network with distinct seeds
     epochs: int = 0  # 0 = by IPC as the protocol says
-    batch_size: int = 64  # classifier training batch
+    batch_size: int = 0  # classifier training batch; 0 = the protocol's (64; dc 256)
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.trainable": ("difffit", "all"),
     "sample.sampler": ("ddpm", "ddim"),
     "sample.guidance_channels": ("first3", "all"),
-    "eval.protocol": ("small", "imagenet-subset"),
+    "eval.protocol": ("small", "imagenet-subset", "dc"),
     "run.precision": ("auto", "fp32", "bf16"),
     "run.progress": ("auto", "on", "off"),
 }
@@ -343,6 +343,7 @@ def validate(cfg: Config) -> None:
         "optim.steps": cfg.optim.steps,
         "model.patch_size": cfg.model.patch_size,
         "eval.epochs": cfg.eval.epochs,
+        "eval.batch_size": cfg.eval.batch_size,
         "objective.lambda_r": cfg.objective.lambda_r,
         "objective.lambda_g": cfg.objective.lambda_g,
     }

@@ -331,7 +331,7 @@ def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: P
         result = evaluate(x, y, test_x, test_source.labels, networks=cfg.eval.networks,
                           repeats=cfg.eval.repeats, epochs=cfg.eval.epochs,
                           protocol=cfg.eval.protocol, device=device, seed=cfg.run.seed,
-                          batch_size=cfg.eval.batch_size, progress=progress)
+                          batch_size=cfg.eval.batch_size or None, progress=progress)
         records.append(write_results(out / f"ipc{ipc}", result, method=cfg.objective.method,
                                      ipc=ipc))
     table = merge_tables(records)

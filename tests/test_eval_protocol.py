@@ -247,3 +247,52 @@ def test_cli_distilled_tree_against_a_test_tree_at_two_ipcs(tmp_path, capsys):
 def _mkdir(path):
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_dc_protocol_recipe(digits, monkeypatch):
+    """DC/DSA: batch 256, lr x0.1 at half, no CutMix, DSA augmentation, tested once at the end."""
+    x, y, tx, ty, _ = digits
+    calls = []
+    monkeypatch.setattr(protocol_mod, "_accuracy", lambda *a: calls.append(1) or 42.0)
+    used_cutmix = []
+    import ddfast.eval.augment as augment_mod
+
+    real_cutmix = augment_mod.cutmix
+    monkeypatch.setattr(augment_mod, "cutmix",
+                        lambda *a, **k: used_cutmix.append(1) or real_cutmix(*a, **k))
+    res = evaluate(x, y, tx, ty, networks=["convnet3"], repeats=1, epochs=6, protocol="dc",
+                   device="cpu", seed=0)
+    run = res["networks"]["convnet3"]["runs"][0]
+    assert run["lrs"] == pytest.approx([0.01] * 3 + [0.001] * 3, rel=1e-9)
+    assert [p["epoch"] for p in run["curve"]] == [6] and len(calls) == 1
+    assert run["best"] == run["last"] == 42.0
+    assert res["batch_size"] == 256 and res["augment"] == "dsa" and res["flip"] is False
+    assert not used_cutmix
+    assert protocol_mod.get_protocol("dc").epochs == 1000
+
+
+def test_dc_protocol_defaults_to_1000_epochs_and_flip_is_settable(digits, monkeypatch):
+    x, y, tx, ty, _ = digits
+    seen = {}
+
+    def fake_train(*args, epochs, proto, augment, **kw):
+        seen["epochs"], seen["proto"] = epochs, proto.name
+        return {"best": 1.0, "last": 1.0, "curve": [], "lrs": []}
+
+    monkeypatch.setattr(protocol_mod, "_train_one", fake_train)
+    res = evaluate(x, y, tx, ty, networks=["convnet3"], repeats=1, epochs=0, protocol="dc",
+                   device="cpu", seed=0, flip=True)
+    assert seen == {"epochs": 1000, "proto": "dc"} and res["flip"] is True
+    evaluate(x, y, tx, ty, networks=["convnet3"], repeats=1, epochs=0, protocol="small",
+             device="cpu", seed=0)
+    assert seen["epochs"] == epochs_for_ipc(3)
+
+
+def test_train_classifier_returns_the_trained_model(digits):
+    x, y, tx, ty, _ = digits
+    record, model, prep = protocol_mod.train_classifier(x, y, tx, ty, epochs=2, seed=0,
+                                                        device="cpu")
+    with torch.no_grad():
+        acc = 100.0 * (model(prep(tx)).argmax(1) == ty).double().mean().item()
+    assert record["last"] == pytest.approx(acc)
+    assert len(record["lrs"]) == 2

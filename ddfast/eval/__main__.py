@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--networks", default="", help="comma-separated (default: the protocol's)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=0, help="0 = by IPC")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training batch (default: the protocol's, 64 or 256 for dc)")
+    p.add_argument("--flip", choices=("auto", "on", "off"), default="auto",
+                   help="horizontal flips in training (auto: colour sets only)")
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
     p.add_argument("--method", default=None, help="the table's row label (default: ours with "
                    "--train, random without)")
@@ -116,7 +119,8 @@ def run(args) -> list[dict]:
         results = evaluate(train_x, train_y, test_x, test_y, networks=networks,
                            repeats=args.repeats, epochs=args.epochs, protocol=args.protocol,
                            device=args.device, seed=args.seed, batch_size=args.batch_size,
-                           progress=args.progress)
+                           progress=args.progress,
+                           flip=None if args.flip == "auto" else args.flip == "on")
         out = Path(args.out) if len(ipcs) == 1 else Path(args.out) / f"ipc{ipc or 'full'}"
         method = args.method or ("ours" if args.train is not None else "random")
         # IPC 0 means all images: "full" for real data, the per-class count for a distilled tree.

@@ -1,11 +1,17 @@
-"""The evaluation protocol (method.md section 5): fresh classifiers trained on a few images.
+"""The evaluation protocols: fresh classifiers trained on a few images, tested on real data.
 
 A distilled (or random-real) set of IPC images per class trains a network from scratch; the network
-is tested on the real held-out images of the same classes. The recipe follows IDC / Minimax: SGD
-(lr 0.01, momentum 0.9, weight decay 5e-4, batch 64), lr x0.2 at 2/3 and 5/6 of the epochs,
-device-side augmentation plus CutMix on every batch, epochs by IPC, test accuracy every
-``max(1, epochs // 100)`` epochs and at the last; best (max over evaluations) and last, mean and
-std over repeats.
+is tested on the real held-out images of the same classes. Three recipes, all SGD with lr 0.01,
+momentum 0.9 and weight decay 5e-4:
+
+* ``small`` and ``imagenet-subset`` (IDC / Minimax, method.md section 5): batch 64, lr x0.2 at 2/3
+  and 5/6 of the epochs, device-side augmentation plus CutMix on every batch, epochs by IPC, test
+  accuracy every ``max(1, epochs // 100)`` epochs and at the last.
+* ``dc`` (the DC / DSA recipe behind the field's 28-32 px tables): batch 256, 1000 epochs, lr x0.1
+  at half, DSA augmentation (``ddfast.eval.dsa``), no CutMix, tested once at the end.
+
+Each reports best (max over evaluations; equal to last for ``dc``) and last, mean and std over
+repeats.
 
 Accuracies are percentages (0..100). Standard deviations are population std over repeats
 (``np.std``, ddof=0), as IDC reports them.
@@ -33,7 +39,7 @@ from ddfast.errors import ConfigError, DataError, DdfastError
 from ddfast.io import write_json, write_text
 from ddfast.progress import bar
 
-PROTOCOLS = ("small", "imagenet-subset")
+PROTOCOLS = ("small", "imagenet-subset", "dc")
 LR, MOMENTUM, WEIGHT_DECAY, LR_GAMMA, CUTMIX_BETA = 0.01, 0.9, 5e-4, 0.2, 1.0
 _EVAL_BATCH = 256  # test images per forward pass (224 px ResNet-18 fits easily)
 
@@ -44,12 +50,22 @@ class Protocol:
     resolution: int | None  # side the networks see; None = the train images' own side
     networks: tuple[str, ...]  # default networks
     upscale: bool  # resize smaller train images up to ``resolution`` once, before augmenting
+    augment: str = "idc"  # idc (crop, flip, jitter, lighting; ddfast.eval.augment) | dsa
+    cutmix: bool = True  # CutMix on every batch
+    epochs: int = 0  # fixed training epochs; 0 = by IPC (epochs_for_ipc)
+    batch_size: int = 64  # default training batch
+    milestones: tuple[tuple[int, int], ...] = ((2, 3), (5, 6))  # lr steps at num/den of epochs
+    gamma: float = LR_GAMMA  # lr factor at each milestone
+    test_every_percent: bool = True  # test every epochs // 100 epochs, else only at the end
 
 
 PROTOCOL_PRESETS = {
     "small": Protocol("small", None, ("convnet3",), upscale=False),
     "imagenet-subset": Protocol("imagenet-subset", 224, ("convnet6", "resnetap10", "resnet18"),
                                 upscale=True),
+    "dc": Protocol("dc", None, ("convnet3",), upscale=False, augment="dsa", cutmix=False,
+                   epochs=1000, batch_size=256, milestones=((1, 2),), gamma=0.1,
+                   test_every_percent=False),
 }
 
 
@@ -259,7 +275,7 @@ def _build(network: str, num_classes: int, channels: int, resolution: int, seed:
 
 
 def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs, augment,
-               device, seed, batch_size, progress) -> dict:
+               device, seed, batch_size, progress, proto: Protocol, keep_model=False):
     """One network from scratch. train_x (N, C, H, W) float [0, 1] and test_x (M, C, S, S)
     normalised, both on ``device``. Returns the run's record (curve, best, last, lrs)."""
     from ddfast.eval.augment import cutmix
@@ -272,8 +288,8 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=[2 * epochs // 3, 5 * epochs // 6], gamma=LR_GAMMA)
-    every = max(1, epochs // 100)
+        opt, milestones=[num * epochs // den for num, den in proto.milestones], gamma=proto.gamma)
+    every = max(1, epochs // 100) if proto.test_every_percent else epochs
     n = train_x.shape[0]
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no per-step sync
     steps, curve, lrs = 0, [], []
@@ -285,7 +301,11 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
         for start in range(0, n, batch_size):  # the last partial batch is kept
             idx = order[start:start + batch_size]  # (b,)
             x = augment(train_x[idx], aug_gen)  # (b, C, S, S) normalised
-            x, y_a, y_b, lam = cutmix(x, train_y[idx], alpha=CUTMIX_BETA, generator=aug_gen)
+            if proto.cutmix:
+                x, y_a, y_b, lam = cutmix(x, train_y[idx], alpha=CUTMIX_BETA, generator=aug_gen)
+            else:
+                y_a = y_b = train_y[idx]
+                lam = 1.0
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -302,11 +322,12 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
             curve.append({"epoch": epoch + 1, "acc": acc, "train_loss": loss_sum.item() / steps})
             loss_sum.zero_()
             steps = 0
-    return {"network": network, "seed": seed, "epochs": epochs, "curve": curve, "lrs": lrs,
-            **summarize_curve(curve)}
+    record = {"network": network, "seed": seed, "epochs": epochs, "curve": curve, "lrs": lrs,
+              **summarize_curve(curve)}
+    return (record, model) if keep_model else record
 
 
-def _prepare(train_x, test_x, proto: Protocol, device):
+def _prepare(train_x, test_x, proto: Protocol, device, flip: bool | None = None):
     """Move both sets to the device; returns (train [0, 1], test normalised, augment, size)."""
     from ddfast.eval.augment import Augment, norm_stats, test_transform
 
@@ -329,25 +350,39 @@ def _prepare(train_x, test_x, proto: Protocol, device):
     if device.type == "cuda":
         test = test.contiguous(memory_format=torch.channels_last)  # the layout the convs prefer
     # Flips and colour noise assume natural RGB photos; grayscale glyphs (digits) have handedness.
+    # ``flip`` overrides the flip for sets whose grey images may be mirrored (Fashion-MNIST).
     rgb = channels == 3
-    augment = Augment(out_size=size, flip=rgb, jitter=0.4 if rgb else 0.0,
-                      lighting=0.1 if rgb else 0.0, mean=mean, std=std)
+    flip = rgb if flip is None else bool(flip)
+    if proto.augment == "dsa":
+        from ddfast.eval.augment import normalize
+        from ddfast.eval.dsa import DSAugment
+
+        dsa = DSAugment(flip=flip)
+
+        def augment(x, gen):
+            return dsa(normalize(x, mean, std), gen)
+    else:
+        augment = Augment(out_size=size, flip=flip, jitter=0.4 if rgb else 0.0,
+                          lighting=0.1 if rgb else 0.0, mean=mean, std=std)
     return train, test, augment, size
 
 
 def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs: int,
-             protocol: str, device, seed: int, batch_size: int = 64,
-             progress: bool = False) -> dict:
+             protocol: str, device, seed: int, batch_size: int | None = None,
+             progress: bool = False, flip: bool | None = None) -> dict:
     """Train every network ``repeats`` times on (train_x, train_y); test on (test_x, test_y).
 
     train_x: (N, C, H, W) uint8 or float [0, 1]; train_y: (N,) int; test likewise. ``epochs``
-    0 takes the epochs by IPC (the smallest class count of the train set). Every (network,
-    repeat) gets its own seed derived from ``seed``. Returns a JSON-ready dict: per network
-    ``best_mean/best_std/last_mean/last_std`` (percent, population std) and every run's curve.
+    0 takes the protocol's (``dc``: 1000) or, for the IDC protocols, the epochs by IPC (the
+    smallest class count of the train set); ``batch_size`` None takes the protocol's; ``flip``
+    None flips RGB sets only. Every (network, repeat) gets its own seed derived from ``seed``.
+    Returns a JSON-ready dict: per network ``best_mean/best_std/last_mean/last_std`` (percent,
+    population std) and every run's curve.
     """
     proto = get_protocol(protocol)
     networks = (networks,) if isinstance(networks, str) else tuple(networks)
     networks = networks or proto.networks
+    batch_size = proto.batch_size if batch_size is None else batch_size
     for name, value, low in (("repeats", repeats, 1), ("batch_size", batch_size, 1),
                              ("epochs", epochs, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -364,20 +399,22 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
     if ipc == 0:
         raise DataError(f"classes {torch.nonzero(counts == 0).flatten().tolist()} have no train "
                         "images: every test class needs train images")
-    epochs = epochs or epochs_for_ipc(ipc)
+    epochs = epochs or proto.epochs or epochs_for_ipc(ipc)
     start = time.perf_counter()
-    train, test, augment, size = _prepare(train_x, test_x, proto, dev)
+    train, test, augment, size = _prepare(train_x, test_x, proto, dev, flip)
     for net in networks:  # an unknown name fails now, not after hours of the first network
         _build(net, num_classes, test.shape[1], size, seed)
     train_y, test_y = train_y.to(dev), test_y.to(dev)
     out = {"protocol": protocol, "epochs": epochs, "batch_size": batch_size, "seed": seed,
            "device": str(dev), "ipc": ipc, "num_train": int(train.shape[0]),
            "num_test": int(test.shape[0]), "num_classes": num_classes, "resolution": size,
-           "std": "population (ddof=0, as IDC)", "accuracy": "percent", "networks": {}}
+           "std": "population (ddof=0, as IDC)", "accuracy": "percent", "augment": proto.augment,
+           "flip": bool(train.shape[1] == 3 if flip is None else flip), "networks": {}}
     for k, net in enumerate(networks):
         runs = [_train_one(train, train_y, test, test_y, network=net, num_classes=num_classes,
                            epochs=epochs, augment=augment, device=dev,
-                           seed=_seed_for(seed, k, r), batch_size=batch_size, progress=progress)
+                           seed=_seed_for(seed, k, r), batch_size=batch_size, progress=progress,
+                           proto=proto)
                 for r in range(repeats)]
         best_mean, best_std = mean_std(r["best"] for r in runs)
         last_mean, last_std = mean_std(r["last"] for r in runs)
@@ -386,6 +423,30 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
     out["seconds"] = time.perf_counter() - start
     out["torch"] = torch.__version__
     return out
+
+
+def train_classifier(train_x, train_y, test_x, test_y, *, network: str = "convnet3",
+                     protocol: str = "dc", epochs: int, seed: int = 0, device="auto",
+                     batch_size: int | None = None, flip: bool | None = None,
+                     progress: bool = False):
+    """One network trained by ``protocol``'s recipe for ``epochs`` on any number of images (the
+    full training set, say). Returns (record, model in eval mode on the device, normalise), where
+    ``normalise(x_uint8_or_unit)`` prepares images as the model saw them at test time."""
+    from ddfast.eval.augment import norm_stats, normalize
+
+    proto = get_protocol(protocol)
+    dev = resolve_device(device)
+    train_y = torch.as_tensor(train_y, dtype=torch.int64).to(dev)
+    test_y = torch.as_tensor(test_y, dtype=torch.int64).to(dev)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    train, test, augment, _ = _prepare(train_x, test_x, proto, dev, flip)
+    record, model = _train_one(
+        train, train_y, test, test_y, network=network, num_classes=num_classes, epochs=epochs,
+        augment=augment, device=dev, seed=seed, batch_size=batch_size or proto.batch_size,
+        progress=progress, proto=proto, keep_model=True)
+    mean, std = norm_stats(train.shape[1])
+    model.eval()
+    return record, model, lambda x: normalize(_as_unit(x, "input", dev), mean, std)
 
 
 # ----------------------------------------------------------------------------------- results

@@ -1,0 +1,107 @@
+"""DSA augmentation against per-image references that replay the same random draws."""
+
+import math
+
+import pytest
+import torch
+
+from ddfast.eval import dsa
+
+
+def _images(b=6, c=2, h=9, w=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, c, h, w, generator=g)
+
+
+def test_color_matches_formula():
+    x = _images()
+    out = dsa.color(x, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    b = x.shape[0]
+    u1, u2, u3 = (torch.rand(b, 1, 1, 1, generator=g) for _ in range(3))
+    y = x + (u1 - 0.5) * dsa.BRIGHTNESS
+    m = y.mean(1, keepdim=True)
+    y = (y - m) * (u2 * dsa.SATURATION) + m
+    m = y.mean((1, 2, 3), keepdim=True)
+    y = (y - m) * (u3 + dsa.CONTRAST) + m
+    torch.testing.assert_close(out, y)
+
+
+def test_crop_is_a_zero_padded_translation():
+    x = _images(b=16, h=16, w=12)
+    out = dsa.crop(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    sh, sw = round(16 * dsa.CROP_PAD), round(12 * dsa.CROP_PAD)
+    dy = torch.randint(-sh, sh + 1, (16,), generator=g)
+    dx = torch.randint(-sw, sw + 1, (16,), generator=g)
+    assert dy.abs().max() > 0 and dx.abs().max() > 0
+    ref = torch.zeros_like(x)
+    for i in range(16):
+        for r in range(16):
+            for c in range(12):
+                rr, cc = r + int(dy[i]), c + int(dx[i])
+                if 0 <= rr < 16 and 0 <= cc < 12:
+                    ref[i, :, r, c] = x[i, :, rr, cc]
+    torch.testing.assert_close(out, ref)
+
+
+def test_cutout_zeroes_one_clipped_square():
+    x = _images(b=12, h=10, w=10) + 5.0  # no natural zeros
+    out = dsa.cutout(x, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    side = round(10 * dsa.CUTOUT)
+    cy = torch.randint(0, 10 + (1 - side % 2), (12,), generator=g)
+    cx = torch.randint(0, 10 + (1 - side % 2), (12,), generator=g)
+    for i in range(12):
+        ref = x[i].clone()
+        y0, x0 = int(cy[i]) - side // 2, int(cx[i]) - side // 2
+        ref[:, max(y0, 0):max(y0 + side, 0), max(x0, 0):max(x0 + side, 0)] = 0
+        torch.testing.assert_close(out[i], ref)
+
+
+def test_hflip_flips_some_and_keeps_the_rest():
+    x = _images(b=64)
+    out = dsa.hflip(x, torch.Generator().manual_seed(1))
+    flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(64)]
+    kept = [torch.equal(out[i], x[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 10 < sum(flipped) < 54
+
+
+@pytest.mark.parametrize("op", [dsa.scale, dsa.rotate])
+def test_scale_and_rotate_fix_the_centre_pixel(op):
+    # align_corners=True maps the centre of an odd-sized image onto itself for any scale/angle.
+    x = _images(b=8, h=9, w=9)
+    out = op(x, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out[:, :, 4, 4], x[:, :, 4, 4], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, x)
+
+
+def test_rotate_angle_matches_a_reference_rotation():
+    # A single bright pixel off-centre lands where a rotation by the replayed angle puts it.
+    h = 21
+    x = torch.zeros(1, 1, h, h)
+    x[0, 0, 10, 16] = 1.0  # 6 px right of the centre
+    out = dsa.rotate(x, torch.Generator().manual_seed(11))
+    a = (torch.rand(1, generator=torch.Generator().manual_seed(11)) - 0.5) * 2 * math.radians(
+        dsa.ROTATE_DEG)
+    # affine_grid maps output to input; the content moves by the inverse rotation.
+    r, c = divmod(int(out[0, 0].argmax()), h)
+    vx, vy = c - 10, r - 10
+    want = (6 * math.cos(float(a)), -6 * math.sin(float(a)))
+    assert abs(vx - want[0]) <= 1 and abs(vy - want[1]) <= 1
+
+
+def test_dsaugment_is_reproducible_and_flip_can_be_dropped():
+    x = _images(b=4, c=1, h=28, w=28)
+    a = dsa.DSAugment(flip=True)(x, torch.Generator().manual_seed(0))
+    b = dsa.DSAugment(flip=True)(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    assert dsa.hflip in dsa.DSAugment(flip=True).ops
+    assert dsa.hflip not in dsa.DSAugment(flip=False).ops
+    assert a.shape == x.shape
+
+
+def test_dsaugment_rejects_bad_input():
+    with pytest.raises(ValueError, match="float images"):
+        dsa.DSAugment()(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
