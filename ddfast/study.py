@@ -1,0 +1,370 @@
+"""``python -m ddfast.study``: the results study on real data that installs offline.
+
+    python -m ddfast.study --dataset digits --scale cpu --out results/digits
+    python -m ddfast.study --dataset fashion-mnist --scale full --out results/fashion-mnist-full
+
+One class-conditional DiT is trained from scratch on the training split (pixel space), and from
+that same model come the distilled sets of every method: ``random`` (the first IPC real images of
+each class), ``dit`` (the model sampled without fine-tuning), ``minimax`` (fifo memories) and
+``ours`` (adaptive memories, updated every step as the released code, or per epoch as the paper's
+figure says). Each set trains fresh ConvNet-3 classifiers under the DC/DSA recipe (``dc``) and,
+where the scale asks, the IDC recipe (``small``); the full training set gives the upper bound and
+the feature space in which the diversity of each set is measured (``ddfast.eval.diversity``).
+Ablations sweep lambda_r, lambda_g and the two memory capacities around their defaults at IPC 10.
+
+A repeat ``r`` fine-tunes with ``run.seed=r``, samples with ``sample.seed=r`` and seeds the
+classifier with ``r``; ``random`` varies only the classifier. Every cell (a run, an evaluation)
+is written when it finishes and skipped when found, so a killed study resumes by rerunning the
+same command; ``--report`` rebuilds the table and plots from the cells on disk. Nothing is tuned:
+the settings are the method's defaults, so the test split is only ever used for testing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ddfast.config import resolve
+from ddfast.errors import ConfigError, DdfastError
+from ddfast.io import load_tensors, save_tensors, write_json
+from ddfast.progress import log
+
+METHODS = ("random", "dit", "minimax", "ours-step", "ours-epoch")
+# Fashion-MNIST, ConvNet-3, IPC 1 / 10 / 50, as published (DC/DSA evaluation).
+PUBLISHED = {
+    "fashion-mnist": {"DC": (70.5, 82.3, 83.6), "DSA": (70.6, 84.6, 88.7),
+                      "IDC": (81.0, 86.0, 86.2), "KIP (trained with a net)": (73.8, 86.8, 87.8)},
+}
+PUBLISHED_IPC = (1, 10, 50)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much of the study to run."""
+
+    ipc: tuple[int, ...]
+    repeats: int
+    protocols: tuple[str, ...]  # dc and/or small (IDC)
+    full_epochs: int  # epochs of the full-data classifier
+    ablations: bool
+    eval_epochs: int = 0  # 0 = the protocol's own
+    base: dict = field(default_factory=dict)  # ddfast.train overrides of every run
+    sweep: tuple[float, ...] = (0.25, 4.0)  # ablation factors around each default
+    small_repeats: int = 0  # repeats under the IDC recipe (``small``); 0 = ``repeats``
+
+    def repeats_of(self, protocol: str) -> int:
+        return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
+
+
+# By scale, then dataset. ``base`` holds the ddfast.train overrides of every run of the study.
+SCALES = {
+    "full": {
+        "digits": Scale(ipc=(1, 10, 50), repeats=3, protocols=("dc", "small"), full_epochs=300,
+                        ablations=True),
+        "fashion-mnist": Scale(ipc=(1, 10, 50), repeats=3, protocols=("dc", "small"),
+                               full_epochs=50, ablations=True),
+    },
+    # Sized for 2 CPU cores: digits complete at IPC 1 and 10 (the IDC recipe, 2000 epochs at
+    # IPC 10, once per method); Fashion-MNIST with a cheaper DiT
+    # (micro with 7x7 patches: 16 tokens, so 6000 steps fit; a patch-4 model after 2000 steps
+    # still sampled noise), one repeat, the DC/DSA recipe only, no ablations, one epoch of
+    # full-data training.
+    "cpu": {
+        "digits": Scale(ipc=(1, 10), repeats=3, protocols=("dc", "small"), full_epochs=100,
+                        ablations=True, small_repeats=1),
+        "fashion-mnist": Scale(ipc=(1, 10), repeats=1, protocols=("dc",), full_epochs=1,
+                               ablations=False, base={
+                                   "model.dit": "micro", "model.patch_size": "7",
+                                   "pretrain.steps": "6000", "pretrain.lr": "2e-3",
+                                   "optim.steps": "300"}),
+    },
+    # Seconds, for tests: everything tiny.
+    "smoke": {
+        "digits": Scale(ipc=(1, 10), repeats=1, protocols=("dc",), full_epochs=1,
+                        ablations=True, eval_epochs=2, sweep=(4.0,), base={
+                            "data.max_per_class": "40", "pretrain.steps": "30",
+                            "optim.steps": "10", "sample.steps": "5",
+                            "memory.real_capacity": "4", "memory.gen_capacity": "4"}),
+    },
+}
+DATASETS = {"digits": {"preset": "digits", "flip": False},
+            "fashion-mnist": {"preset": "fashion-mnist", "flip": True}}
+ABLATED = ("objective.lambda_r", "objective.lambda_g", "memory.real_capacity",
+           "memory.gen_capacity")
+REAL_PER_CLASS = 1000  # real images per class in the diversity reference
+
+
+def method_overrides(method: str) -> dict:
+    if method == "dit":
+        return {"objective.method": "dit"}
+    if method == "minimax":
+        return {"objective.method": "minimax"}
+    return {"objective.method": "ours", "memory.timing": method.split("-")[1]}
+
+
+class Study:
+    def __init__(self, dataset: str, scale: str, out: Path, device: str = "auto",
+                 root: str | None = None, progress: bool = False, repeats: int = 0):
+        if dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {dataset!r}: pass one of {', '.join(DATASETS)}")
+        if dataset not in SCALES.get(scale, {}):
+            known = [f"{s}/{d}" for s, by in SCALES.items() for d in by]
+            raise ConfigError(f"no scale {scale!r} for {dataset}: pass one of {', '.join(known)}")
+        self.dataset, self.scale_name, self.scale = dataset, scale, SCALES[scale][dataset]
+        if repeats:
+            self.scale = replace(self.scale, repeats=repeats)
+        self.out, self.work = Path(out), Path(out) / "work"
+        self.device, self.root, self.progress = device, root, progress
+        self.flip = DATASETS[dataset]["flip"]
+        if self.scale.ablations and 10 not in self.scale.ipc:
+            raise ConfigError("the ablations run at IPC 10: include 10 in the scale's IPCs")
+        self.base = dict(self.scale.base)
+        if root:
+            self.base["data.root"] = root
+        if device != "auto":
+            self.base["run.device"] = device
+        self.base["run.progress"] = "on" if progress else "off"
+        self._data = self._real = self._full = None
+
+    # ------------------------------------------------------------------------------ runs
+    def config(self, name: str, overrides: dict, pretrain_only: bool = False):
+        base = {k: v for k, v in self.base.items()
+                if not (pretrain_only and k.startswith(("optim.", "memory.")))}
+        o = {**base, "eval.enabled": "false", "run.out": str(self.work / name), **overrides}
+        return resolve(DATASETS[self.dataset]["preset"], o)
+
+    def train_run(self, name: str, overrides: dict, pretrain_only: bool = False) -> Path:
+        """A ddfast.train run (skipped when its summary exists with the same settings)."""
+        from ddfast.train import run
+
+        cfg = self.config(name, overrides, pretrain_only)
+        folder = Path(cfg.run.out)
+        summary = folder / "summary.json"
+        if summary.is_file():
+            digest = json.loads(summary.read_text())["config_digest"]
+            if digest != cfg.digest():
+                raise ConfigError(f"{folder} holds a run with other settings (digest {digest}, "
+                                  f"expected {cfg.digest()}): delete it or use another --out")
+            return folder
+        log(f"[study] run {name}")
+        t = time.perf_counter()
+        run(cfg, resume=folder.is_dir())
+        self._time(f"run/{name}", time.perf_counter() - t)
+        return folder
+
+    def pretrained(self) -> Path:
+        # Fine-tuning settings do not reach the from-scratch model, so they stay out of its run.
+        folder = self.train_run("base", {"objective.method": "dit", "sample.ipc": "1"},
+                                pretrain_only=True)
+        return folder / "pretrained"
+
+    def distilled(self, method: str, repeat: int, extra: dict | None = None,
+                  tag: str = "", ipc: tuple[int, ...] | None = None) -> Path:
+        o = {"model.dit": str(self.pretrained()), "run.seed": str(repeat),
+             "sample.seed": str(repeat),
+             "sample.ipc": ",".join(str(i) for i in (ipc or self.scale.ipc)),
+             **method_overrides(method), **(extra or {})}
+        return self.train_run(f"{method}{tag}-r{repeat}", o) / "distilled"
+
+    # ------------------------------------------------------------------------------ data
+    def data(self):
+        if self._data is None:
+            from ddfast.data import open_source
+
+            kw = {"root": self.root} if self.root else {}
+            train = open_source(self.dataset, "train", **kw)
+            test = open_source(self.dataset, "test", **kw)
+            test_x = test.images(range(len(test)))
+            self._data = (train, test_x, test.labels)
+        return self._data
+
+    def full_classifier(self):
+        """The full-data ConvNet-3: the upper bound, and the diversity feature space."""
+        if self._full is not None:
+            return self._full
+        from ddfast.eval.networks import build_network
+        from ddfast.eval.protocol import resolve_device, train_classifier
+
+        train, test_x, test_y = self.data()
+        folder = self.work / "full"
+        rec_path, w_path = folder / "result.json", folder / "convnet3.safetensors"
+        dev = resolve_device(self.device)
+        if rec_path.is_file() and w_path.is_file():
+            record = json.loads(rec_path.read_text())
+            model = build_network("convnet3", num_classes=len(train.class_names),
+                                  channels=train.channels, resolution=train.resolution)
+            model.load_state_dict(load_tensors(w_path)[0])
+            model = model.to(dev).eval()
+        else:
+            log(f"[study] full training set: ConvNet-3, {self.scale.full_epochs} epochs")
+            t = time.perf_counter()
+            x = train.images(range(len(train)))
+            record, model, _ = train_classifier(
+                x, train.labels, test_x, test_y, protocol="dc", epochs=self.scale.full_epochs,
+                seed=0, device=dev, flip=self.flip, progress=self.progress)
+            record = {**record, "num_train": len(train), "seconds": time.perf_counter() - t}
+            save_tensors(w_path, {k: v.detach().cpu().contiguous() for k, v in
+                                  model.state_dict().items()}, {"network": "convnet3"})
+            write_json(rec_path, record)
+            self._time("full", record["seconds"])
+        self._full = (record, model)
+        return self._full
+
+    def real_features(self):
+        """Features and labels of the first REAL_PER_CLASS training images of each class."""
+        from ddfast.eval.protocol import first_per_class
+
+        if self._real is None:
+            train, _, _ = self.data()
+            counts = torch.bincount(train.labels)
+            idx = first_per_class(train.labels, min(REAL_PER_CLASS, int(counts.min())),
+                                  len(train.class_names))
+            self._real = (self._features(train.images(idx)), train.labels[idx])
+        return self._real
+
+    def _features(self, x):
+        from ddfast.eval.augment import norm_stats, normalize
+        from ddfast.eval.diversity import features
+
+        _, model = self.full_classifier()
+        dev = next(model.parameters()).device
+        mean, std = norm_stats(x.shape[1])
+        return features(model, normalize(x.to(dev).float() / 255.0, mean, std)).cpu()
+
+    # ------------------------------------------------------------------------------ cells
+    def evaluate_cell(self, key: str, x, y, protocol: str, seed: int) -> dict:
+        """One classifier (ConvNet-3) on one set; with the set's diversity. Cached by key."""
+        from ddfast.eval.diversity import set_diversity
+        from ddfast.eval.protocol import evaluate
+
+        path = self.work / "evals" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        _, test_x, test_y = self.data()
+        log(f"[study] evaluate {key}")
+        res = evaluate(x, y, test_x, test_y, networks=("convnet3",), repeats=1,
+                       epochs=self.scale.eval_epochs, protocol=protocol, device=self.device,
+                       seed=seed, flip=self.flip, progress=self.progress)
+        real_f, real_y = self.real_features()
+        div = set_diversity(real_f, real_y, self._features(x), y)
+        net = res["networks"]["convnet3"]
+        cell = {"key": key, "protocol": protocol, "seed": seed, "ipc": res["ipc"],
+                "acc_best": net["best_mean"], "acc_last": net["last_mean"],
+                "epochs": res["epochs"], "seconds": res["seconds"],
+                "pairwise": div["pairwise"], "coverage": div["coverage"]}
+        write_json(path, cell)
+        return cell
+
+    def method_set(self, method: str, repeat: int, ipc: int, extra=None, tag=""):
+        from ddfast.eval.protocol import load_folder_set, load_source_set
+
+        if method == "random":
+            train, _, _ = self.data()
+            x, y, _ = load_source_set(train, ipc)
+            return x, y
+        ipcs = (10,) if tag else None
+        x, y, _ = load_folder_set(self.distilled(method, repeat, extra, tag, ipcs), ipc=ipc)
+        return x, y
+
+    def run_all(self, methods: tuple[str, ...] = METHODS) -> None:
+        """Compute every missing cell of ``methods`` (the ablations go with ours-step)."""
+        s = self.scale
+        self.full_classifier()
+        for method in methods:
+            for r in range(s.repeats):
+                for ipc in s.ipc:
+                    x, y = self.method_set(method, r, ipc)
+                    for proto in s.protocols:
+                        if r >= s.repeats_of(proto):
+                            continue
+                        self.evaluate_cell(f"{method}-r{r}-ipc{ipc}-{proto}", x, y, proto, r)
+        if s.ablations and "ours-step" in methods:
+            for _key, tag, extra in self.ablation_points():
+                for r in range(s.repeats):
+                    x, y = self.method_set("ours-step", r, 10, extra, tag)
+                    self.evaluate_cell(f"ours-step{tag}-r{r}-ipc10-dc", x, y, "dc", r)
+
+    def ablation_points(self):
+        """(setting, tag, overrides) for every swept value off the default."""
+        cfg = self.config("probe", {})
+        for key in ABLATED:
+            section, name = key.split(".")
+            default = getattr(getattr(cfg, section), name)
+            for f in self.scale.sweep:
+                value = default * f
+                value = max(1, round(value)) if isinstance(default, int) else value
+                yield key, f"-{name}{value:g}", {key: str(value)}
+
+    def _time(self, what: str, seconds: float) -> None:
+        path = self.work / "timings.json"
+        times = json.loads(path.read_text()) if path.is_file() else {}
+        times[what] = round(seconds, 2)
+        write_json(path, times)
+
+    # ------------------------------------------------------------------------------ report
+    def report(self) -> dict:
+        from ddfast.study_report import write_report
+
+        return write_report(self)
+
+
+def device_name(device: str) -> str:
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ddfast.study", description=__doc__.split("\n")[0],
+                                epilog="Rerun the same command to resume a killed study.")
+    p.add_argument("--dataset", required=True, choices=tuple(DATASETS))
+    p.add_argument("--repeats", type=int, default=0, help="override the scale's repeats")
+    p.add_argument("--scale", default="full", choices=tuple(SCALES),
+                   help="full: IPC 1/10/50, 3 repeats (a GPU's work); cpu: IPC 1/10 sized for "
+                        "2 CPU cores; smoke: seconds, for tests")
+    p.add_argument("--out", required=True, help="study folder: results.json, results.md, plots; "
+                   "run folders and cells under <out>/work")
+    p.add_argument("--root", help="fashion-mnist: the IDX folder (default: Debian's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of " + ", ".join(METHODS) + " (default: all); "
+                        "processes computing disjoint subsets can share one --out")
+    p.add_argument("--report", action="store_true",
+                   help="only rebuild results.json, results.md and the plots from the cells")
+    p.add_argument("--progress", action="store_true", help="progress bars for every stage")
+    args = p.parse_args(argv)
+    try:
+        study = Study(args.dataset, args.scale, Path(args.out), args.device, args.root,
+                      args.progress, args.repeats)
+        methods = tuple(m for m in args.methods.split(",") if m)
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}: pass a subset of "
+                              f"{', '.join(METHODS)}")
+        if not args.report:
+            study.run_all(methods)
+        study.report()
+    except DdfastError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

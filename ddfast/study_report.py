@@ -1,0 +1,257 @@
+"""The study's outputs from its cells on disk: results.json, results.md, plots and sample grids.
+
+Every figure in them is read from a cell that ``ddfast.study`` wrote; a cell not yet computed is
+shown as missing, never filled in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddfast.errors import ConfigError
+from ddfast.io import write_json, write_png, write_text
+
+PROTOCOL_NAMES = {"dc": "DC/DSA recipe (1000 epochs, DSA augmentation)",
+                  "small": "IDC recipe (epochs by IPC, CutMix)"}
+LABELS = {"random": "random real", "dit": "DiT (no fine-tune)", "minimax": "Minimax (fifo)",
+          "ours-step": "ours (adaptive, per step)", "ours-epoch": "ours (adaptive, per epoch)"}
+
+
+def _stats(cells: list[dict], key: str = "acc_best") -> dict | None:
+    vals = [c[key] for c in cells if c.get(key) is not None]
+    if not vals:
+        return None
+    arr = np.asarray(vals, dtype=np.float64)
+    return {"mean": float(arr.mean()), "min": float(arr.min()), "max": float(arr.max()),
+            "std": float(arr.std()), "n": len(vals)}
+
+
+def _cells(study, prefix: str, ipc: int, proto: str) -> list[dict]:
+    out = []
+    for r in range(study.scale.repeats_of(proto)):
+        path = study.work / "evals" / f"{prefix}-r{r}-ipc{ipc}-{proto}.json"
+        if path.is_file():
+            out.append(json.loads(path.read_text()))
+    return out
+
+
+def collect(study) -> dict:
+    """Everything the report shows, as one JSON-ready dict."""
+    from ddfast.study import ABLATED, METHODS, PUBLISHED, PUBLISHED_IPC, device_name
+
+    s = study.scale
+    rows = []
+    for proto in s.protocols:
+        for method in METHODS:
+            for ipc in s.ipc:
+                cells = _cells(study, method, ipc, proto)
+                rows.append({"protocol": proto, "method": method, "ipc": ipc,
+                             "accuracy": _stats(cells), "pairwise": _stats(cells, "pairwise"),
+                             "coverage": _stats(cells, "coverage"),
+                             "repeats": [c["acc_best"] for c in cells]})
+    ablations = []
+    if s.ablations:
+        default = {r["method"]: r for r in rows
+                   if r["protocol"] == "dc" and r["ipc"] == 10 and r["method"] == "ours-step"}
+        cfg = study.config("probe", {})
+        points = list(study.ablation_points())
+        for key in ABLATED:
+            section, name = key.split(".")
+            base_value = getattr(getattr(cfg, section), name)
+            series = [{"value": base_value, "default": True,
+                       "accuracy": default.get("ours-step", {}).get("accuracy")}]
+            for k, tag, extra in points:
+                if k == key:
+                    cells = _cells(study, f"ours-step{tag}", 10, "dc")
+                    series.append({"value": float(extra[key]), "default": False,
+                                   "accuracy": _stats(cells),
+                                   "pairwise": _stats(cells, "pairwise")})
+            series.sort(key=lambda p: p["value"])
+            ablations.append({"setting": key, "points": series})
+    full_path = study.work / "full" / "result.json"
+    full = json.loads(full_path.read_text()) if full_path.is_file() else None
+    # Each run's own record of its stages (also the runs an earlier process finished).
+    run_seconds = sum(json.loads(p.read_text())["timings_s"]["total"]
+                      for p in sorted(study.work.glob("*/summary.json")))
+    eval_seconds = sum(json.loads(p.read_text())["seconds"]
+                       for p in sorted((study.work / "evals").glob("*.json")))
+    return {
+        "dataset": study.dataset, "scale": study.scale_name,
+        "settings": {"ipc": list(s.ipc), "repeats": s.repeats, "protocols": list(s.protocols),
+                     "small_repeats": s.repeats_of("small"), "full_epochs": s.full_epochs,
+                     "eval_epochs": s.eval_epochs or "protocol",
+                     "run_overrides": study.base, "ablation_factors": list(s.sweep)},
+        "device": device_name(study.device), "torch": torch.__version__,
+        "rows": rows, "ablations": ablations,
+        "full": None if full is None else {"accuracy": full["last"], "epochs": full["epochs"],
+                                           "num_train": full["num_train"]},
+        "published": {"ipc": list(PUBLISHED_IPC), "methods": PUBLISHED.get(study.dataset, {})},
+        "seconds": {"runs": round(run_seconds, 1), "evaluations": round(eval_seconds, 1),
+                    "full_data": round(full["seconds"], 1) if full else 0.0,
+                    "total": round(run_seconds + eval_seconds + (full["seconds"] if full else 0),
+                                   1)},
+    }
+
+
+def _fmt(stat: dict | None, digits: int = 1) -> str:
+    if stat is None:
+        return "not run"
+    if stat["n"] == 1:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} [{stat['min']:.{digits}f}, {stat['max']:.{digits}f}]"
+
+
+def markdown(res: dict) -> str:
+    ipcs = res["settings"]["ipc"]
+    head = "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |"
+    rule = "|---|" + "---:|" * len(ipcs)
+    lines = [f"Dataset **{res['dataset']}**, scale `{res['scale']}`, device {res['device']}, "
+             f"torch {res['torch']}; wall time {res['seconds']['total'] / 60:.1f} min "
+             f"(runs {res['seconds']['runs'] / 60:.1f}, evaluations "
+             f"{res['seconds']['evaluations'] / 60:.1f}, full-data classifier "
+             f"{res['seconds']['full_data'] / 60:.1f}).", "",
+             f"Settings: {json.dumps(res['settings'])}.", ""]
+    for proto in res["settings"]["protocols"]:
+        rows = [r for r in res["rows"] if r["protocol"] == proto]
+        lines += [f"ConvNet-3 top-1 test accuracy (%), {PROTOCOL_NAMES[proto]}: mean "
+                  f"[min, max] over repeats.", "", head, rule]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            cells = [_fmt(next(r["accuracy"] for r in rows
+                               if r["method"] == method and r["ipc"] == i)) for i in ipcs]
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        if res["full"] and proto == "dc":
+            f = res["full"]
+            lines.append(f"| full training set ({f['num_train']} images, {f['epochs']} epochs) | "
+                         + " | ".join([f"{f['accuracy']:.1f}"] * len(ipcs)) + " |")
+        if proto == "dc":
+            pub_ipc = res["published"]["ipc"]
+            for name, vals in res["published"]["methods"].items():
+                cells = [f"{vals[pub_ipc.index(i)]}" if i in pub_ipc else "-" for i in ipcs]
+                lines.append(f"| *published {name}* | " + " | ".join(cells) + " |")
+        lines.append("")
+    dc = [r for r in res["rows"] if r["protocol"] == res["settings"]["protocols"][0]]
+    lines += ["Diversity of each distilled set in the full-data ConvNet-3's feature space: "
+              "mean pairwise cosine distance / coverage (k = 5), mean over repeats.", "",
+              head, rule]
+    for method in dict.fromkeys(r["method"] for r in dc):
+        cells = []
+        for i in ipcs:
+            r = next(r for r in dc if r["method"] == method and r["ipc"] == i)
+            pw = "-" if r["pairwise"] is None else f"{r['pairwise']['mean']:.3f}"
+            cov = "-" if r["coverage"] is None else f"{r['coverage']['mean']:.3f}"
+            cells.append(f"{pw} / {cov}")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    if res["ablations"]:
+        lines += ["", "Ablations (ours, adaptive per step, IPC 10, DC/DSA recipe): accuracy (%) "
+                  "mean [min, max]; the default is in bold.", ""]
+        for ab in res["ablations"]:
+            vals = [(f"**{p['value']:g}**" if p["default"] else f"{p['value']:g}",
+                     _fmt(p["accuracy"])) for p in ab["points"]]
+            lines += [f"| {ab['setting']} | " + " | ".join(v for v, _ in vals) + " |",
+                      "|---|" + "---:|" * len(vals),
+                      "| accuracy | " + " | ".join(a for _, a in vals) + " |", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plots(res: dict, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("the study's plots need matplotlib: pip install matplotlib "
+                          "(or pip install 'ddfast[study]')") from None
+    paths = []
+    protos = res["settings"]["protocols"]
+    fig, axes = plt.subplots(1, len(protos), figsize=(5.5 * len(protos), 4), squeeze=False)
+    for ax, proto in zip(axes[0], protos, strict=True):
+        for method, label in LABELS.items():
+            pts = [r for r in res["rows"] if r["protocol"] == proto and r["method"] == method
+                   and r["accuracy"]]
+            if not pts:
+                continue
+            x = [p["ipc"] for p in pts]
+            ax.plot(x, [p["accuracy"]["mean"] for p in pts], marker="o", label=label)
+            ax.fill_between(x, [p["accuracy"]["min"] for p in pts],
+                            [p["accuracy"]["max"] for p in pts], alpha=0.2)
+        if res["full"] and proto == "dc":
+            ax.axhline(res["full"]["accuracy"], color="k", ls="--", lw=1, label="full set")
+        if proto == "dc":
+            for name, vals in res["published"]["methods"].items():
+                ax.plot(res["published"]["ipc"], vals, ls=":", marker="x", lw=1,
+                        label=f"published {name}")
+        ax.set_xscale("log")
+        ax.set_xlabel("images per class")
+        ax.set_ylabel("top-1 test accuracy (%)")
+        ax.set_title(f"{res['dataset']}: {proto}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "accuracy_vs_ipc.png", plt))
+    if res["ablations"]:
+        abl = res["ablations"]
+        fig, axes = plt.subplots(1, len(abl), figsize=(3.6 * len(abl), 3.2), squeeze=False)
+        for ax, ab in zip(axes[0], abl, strict=True):
+            pts = [p for p in ab["points"] if p["accuracy"]]
+            if pts:
+                x = [p["value"] for p in pts]
+                m = np.array([p["accuracy"]["mean"] for p in pts])
+                lo = m - np.array([p["accuracy"]["min"] for p in pts])
+                hi = np.array([p["accuracy"]["max"] for p in pts]) - m
+                ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=3)
+                ax.set_xscale("log")
+            ax.set_title(ab["setting"], fontsize=9)
+            ax.set_ylabel("accuracy (%)")
+        fig.tight_layout()
+        paths.append(_save(fig, out / "ablations.png", plt))
+    return paths
+
+
+def _save(fig, path: Path, plt) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    from ddfast.io import write_bytes
+
+    write_bytes(path, buf.getvalue())
+    return path
+
+
+def grids(study, out: Path, columns: int = 10) -> list[Path]:
+    """One PNG per method (repeat 0, up to ``columns`` images per class, one row per class)."""
+    from ddfast.eval.protocol import load_folder_set, load_source_set
+    from ddfast.sample import grid
+    from ddfast.study import METHODS
+
+    ipc = min(columns, max(study.scale.ipc))
+    paths = []
+    for method in METHODS:
+        if method == "random":
+            x, y, _ = load_source_set(study.data()[0], ipc)
+        else:
+            folder = study.work / f"{method}-r0" / "distilled"
+            if not (folder / "manifest.json").is_file():
+                continue
+            x, y, _ = load_folder_set(folder, ipc=ipc)
+        tiles = [t[0] if t.shape[0] == 1 else t.permute(1, 2, 0) for t in x]  # (H, W[, 3])
+        upscale = max(1, 32 // x.shape[-1])
+        path = out / "grids" / f"{method}.png"
+        write_png(path, grid([t.numpy() for t in tiles], ipc, upscale=upscale))
+        paths.append(path)
+    return paths
+
+
+def write_report(study) -> dict:
+    res = collect(study)
+    out = study.out
+    res["plots"] = [str(p.relative_to(out)) for p in plots(res, out)]
+    res["grids"] = [str(p.relative_to(out)) for p in grids(study, out)]
+    write_json(out / "results.json", res)
+    write_text(out / "results.md", markdown(res))
+    return res

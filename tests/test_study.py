@@ -1,0 +1,105 @@
+"""The results study end to end at its smoke scale: every reported figure comes from a cell."""
+
+import json
+
+import pytest
+
+from ddfast.errors import ConfigError
+from ddfast.study import METHODS, SCALES, Study, main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+def _cell(out, key):
+    return json.loads((out / "work" / "evals" / f"{key}.json").read_text())
+
+
+def test_results_are_read_from_the_cells(study_dir):
+    res = json.loads((study_dir / "results.json").read_text())
+    scale = SCALES["smoke"]["digits"]
+    rows = res["rows"]
+    assert {(r["method"], r["ipc"]) for r in rows} == {(m, i) for m in METHODS for i in scale.ipc}
+    for r in rows:
+        cell = _cell(study_dir, f"{r['method']}-r0-ipc{r['ipc']}-dc")
+        assert r["accuracy"]["mean"] == cell["acc_best"] == r["repeats"][0]
+        assert cell["epochs"] == scale.eval_epochs and cell["ipc"] == r["ipc"]
+        assert 0.0 <= cell["coverage"] <= 1.0
+        assert (cell["pairwise"] is None) == (r["ipc"] == 1)
+    full = json.loads((study_dir / "work" / "full" / "result.json").read_text())
+    assert res["full"]["accuracy"] == full["last"]
+    assert [a["setting"] for a in res["ablations"]] == [
+        "objective.lambda_r", "objective.lambda_g", "memory.real_capacity", "memory.gen_capacity"]
+    for ab in res["ablations"]:
+        assert [p["default"] for p in ab["points"]] == [True, False]  # default, then x4
+        assert all(p["accuracy"] is not None for p in ab["points"])
+    md = (study_dir / "results.md").read_text()
+    assert "| random real |" in md and "not run" not in md
+    for rel in res["plots"] + res["grids"]:
+        assert (study_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(res["grids"]) == len(METHODS)
+
+
+def test_the_runs_differ_by_method_and_share_one_model(study_dir):
+    work = study_dir / "work"
+    base = json.loads((work / "base" / "config.json").read_text())
+    assert base["objective"]["method"] == "dit"
+    for method, policy, timing in (("minimax", "fifo", "step"), ("ours-step", "adaptive", "step"),
+                                   ("ours-epoch", "adaptive", "epoch")):
+        cfg = json.loads((work / f"{method}-r0" / "config.json").read_text())
+        assert cfg["model"]["dit"] == str(work / "base" / "pretrained")
+        summary = json.loads((work / f"{method}-r0" / "summary.json").read_text())
+        assert summary["policy"] == policy and cfg["memory"]["timing"] == timing
+    dit = json.loads((work / "dit-r0" / "summary.json").read_text())
+    assert dit["model"] is None  # sampled from the pretrained model without fine-tuning
+
+
+def test_rerun_skips_finished_cells_and_report_marks_missing(study_dir):
+    evals = study_dir / "work" / "evals"
+    before = {p.name: p.stat().st_mtime_ns for p in evals.iterdir()}
+    timings = (study_dir / "work" / "timings.json").read_text()
+    assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(study_dir)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in evals.iterdir()} == before
+    assert (study_dir / "work" / "timings.json").read_text() == timings
+    moved = evals / "minimax-r0-ipc10-dc.json"
+    keep = moved.read_bytes()
+    moved.unlink()
+    try:
+        assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(study_dir),
+                     "--report"]) == 0
+        md = (study_dir / "results.md").read_text()
+        row = next(line for line in md.splitlines() if line.startswith("| Minimax"))
+        assert row.rstrip().endswith("not run |")
+    finally:
+        moved.write_bytes(keep)
+
+
+def test_a_run_with_other_settings_is_refused(study_dir):
+    summary = study_dir / "work" / "dit-r0" / "summary.json"
+    original = summary.read_text()
+    data = json.loads(original)
+    data["config_digest"] = "0" * 16
+    summary.write_text(json.dumps(data))
+    try:
+        with pytest.raises(ConfigError, match="other settings"):
+            Study("digits", "smoke", study_dir).distilled("dit", 0)
+    finally:
+        summary.write_text(original)
+
+
+def test_bad_study_arguments(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="no scale 'smoke' for fashion-mnist"):
+        Study("fashion-mnist", "smoke", tmp_path)
+    with pytest.raises(SystemExit):
+        main(["--dataset", "cifar", "--out", str(tmp_path)])
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(tmp_path),
+                 "--methods", "random,dsa"]) == 2
+    assert "unknown method(s) dsa" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
