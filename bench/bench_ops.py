@@ -46,3 +46,81 @@ def test_similarity_degree_cuda(benchmark, memory_items):
     items = memory_items.cuda()
     benchmark.extra_info["bytes"] = items.numel() * 4
     benchmark(lambda: _sync(_ext.similarity_degree(items)))
+
+
+# class_extremes: (B samples, C classes, N slots, D dims). The step shape of DiT-XL/2 (D = 4096)
+# with a 64-slot memory, and a large batch against 4096-slot memories (CUDA only).
+EXTREMES_SHAPES = [(8, 10, 64, 4096), (256, 10, 4096, 4096)]
+
+
+@pytest.fixture(params=[pytest.param(s, id=f"B{s[0]}xC{s[1]}xN{s[2]}xD{s[3]}")
+                        for s in EXTREMES_SHAPES])
+def extremes_shape(request):
+    return request.param
+
+
+def _extremes_inputs(shape, device):
+    """Random x, labels, full memories; skips shapes too large for the device."""
+    batch, num_classes, slots, dim = shape
+    if batch * slots * dim > 2**26 and device != "cuda":
+        pytest.skip("the large shape is timed on a GPU only")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x = torch.randn(batch, dim, device=device) * 30
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    items = torch.randn(num_classes, slots, dim, device=device)
+    counts = torch.full((num_classes,), slots, dtype=torch.int64, device=device)
+    return x, labels, items, counts
+
+
+def _extremes_info(benchmark, shape):
+    batch, _, slots, dim = shape
+    benchmark.extra_info["bytes"] = batch * slots * dim * 4 + batch * dim * 4  # own-class reads
+    benchmark.extra_info["flops"] = 4 * batch * slots * dim  # dot and item norm per pair
+
+
+def _ref_device(shape):
+    return "cuda" if shape[0] * shape[2] * shape[3] > 2**26 else "cpu"
+
+
+@pytest.mark.benchmark(group="class_extremes")
+def test_class_extremes_ref(benchmark, extremes_shape):
+    from ddfast.ref import class_extremes_ref
+
+    args = _extremes_inputs(extremes_shape, _ref_device(extremes_shape))
+    _extremes_info(benchmark, extremes_shape)
+    benchmark(lambda: _sync(class_extremes_ref(*args, False)[0]))
+
+
+@pytest.mark.benchmark(group="class_extremes")
+def test_class_extremes_ref_compiled(benchmark, extremes_shape):
+    from ddfast.ref import class_extremes_ref
+
+    args = _extremes_inputs(extremes_shape, _ref_device(extremes_shape))
+    _extremes_info(benchmark, extremes_shape)
+    compiled = torch.compile(class_extremes_ref, fullgraph=True)
+    compiled(*args, False)  # compile outside the timing
+    benchmark(lambda: _sync(compiled(*args, False)[0]))
+
+
+@pytest.mark.benchmark(group="class_extremes")
+def test_class_extremes_cpp(benchmark, extremes_shape):
+    args = _extremes_inputs(extremes_shape, "cpu")
+    _extremes_info(benchmark, extremes_shape)
+    benchmark(lambda: _ext.class_extremes(*args, False))
+
+
+@pytest.mark.benchmark(group="class_extremes")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton is timed on a GPU only")
+def test_class_extremes_triton(benchmark, extremes_shape):
+    from ddfast.kernels.minimax import class_extremes
+
+    args = _extremes_inputs(extremes_shape, "cuda")
+    _extremes_info(benchmark, extremes_shape)
+    benchmark(lambda: _sync(class_extremes(*args, False)[0]))
+
+
+@pytest.mark.benchmark(group="class_extremes")
+@pytest.mark.skip(reason="class_extremes has no CUDA C++ kernel yet (Triton serves GPUs)")
+def test_class_extremes_cuda(benchmark, extremes_shape):
+    raise AssertionError("unreachable")

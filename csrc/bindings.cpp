@@ -35,6 +35,33 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("num_threads"),
       "s_i = sum_j cos(m_i, m_j) for an fp32 (rows, cols) matrix at `items`; writes rows floats.");
 
+  m.def(
+      "class_extremes_cpu",
+      [](std::uintptr_t x, int64_t batch, int64_t dim, int64_t x_row_stride,
+         std::uintptr_t labels, int64_t labels_stride, std::uintptr_t items, int64_t num_classes,
+         int64_t slots, int64_t items_class_stride, int64_t items_slot_stride,
+         std::uintptr_t counts, int64_t counts_stride, float eps, bool largest,
+         std::uintptr_t values, std::uintptr_t arg_sample, std::uintptr_t arg_slot,
+         int num_threads) {
+        const ddfast::ClassExtremesParams params{
+            reinterpret_cast<const float*>(x), batch, dim, x_row_stride,
+            reinterpret_cast<const int64_t*>(labels), labels_stride,
+            reinterpret_cast<const float*>(items), num_classes, slots, items_class_stride,
+            items_slot_stride, reinterpret_cast<const int64_t*>(counts), counts_stride, eps,
+            largest};
+        py::gil_scoped_release release;
+        ddfast::class_extremes_cpu(params, reinterpret_cast<float*>(values),
+                                   reinterpret_cast<int64_t*>(arg_sample),
+                                   reinterpret_cast<int64_t*>(arg_slot), num_threads);
+      },
+      py::arg("x"), py::arg("batch"), py::arg("dim"), py::arg("x_row_stride"), py::arg("labels"),
+      py::arg("labels_stride"), py::arg("items"), py::arg("num_classes"), py::arg("slots"),
+      py::arg("items_class_stride"), py::arg("items_slot_stride"), py::arg("counts"),
+      py::arg("counts_stride"), py::arg("eps"), py::arg("largest"), py::arg("values"),
+      py::arg("arg_sample"), py::arg("arg_slot"), py::arg("num_threads"),
+      "Per-class min (max when largest) cosine between fp32 samples and their class's memory "
+      "items, with the first (sample, slot) pair attaining it; writes num_classes entries each.");
+
 #ifdef DDFAST_WITH_CUDA
   m.def(
       "similarity_degree_cuda",

@@ -22,6 +22,36 @@ struct MatrixParams {
 // number of threads.
 void similarity_degree_cpu(const MatrixParams& items, float eps, float* out, int num_threads);
 
+// Inputs of the per-class extreme cosine (method.md section 2). x is (batch, dim) fp32 with
+// contiguous columns; labels (batch,) and counts (num_classes,) are int64 with element strides;
+// items is (num_classes, slots, dim) fp32 with contiguous columns. Class c holds
+// items[c, :counts[c]] (counts are clamped to [0, slots]).
+struct ClassExtremesParams {
+  const float* x;
+  int64_t batch;
+  int64_t dim;
+  int64_t x_row_stride;
+  const int64_t* labels;
+  int64_t labels_stride;
+  const float* items;
+  int64_t num_classes;
+  int64_t slots;
+  int64_t items_class_stride;
+  int64_t items_slot_stride;
+  const int64_t* counts;
+  int64_t counts_stride;
+  float eps;
+  bool largest;
+};
+
+// For every class c, the min (max when largest) over (samples i with label c) x (slots j <
+// counts[c]) of cos(x_i, items[c, j]) = x_i . m / (max(|x_i|, eps) * max(|m|, eps)), accumulated
+// in double and rounded to float, and the pair attaining it: the first in row-major (sample, slot)
+// order on ties. Classes without any pair get +inf (-inf when largest) and index -1. Each output
+// has num_classes entries. Threaded over samples; the result does not depend on num_threads.
+void class_extremes_cpu(const ClassExtremesParams& params, float* values, int64_t* arg_sample,
+                        int64_t* arg_slot, int num_threads);
+
 #ifdef DDFAST_WITH_CUDA
 // Same computation on the GPU, enqueued on `stream` (a cudaStream_t passed as an integer).
 // `workspace` must hold rows + cols floats of device memory.

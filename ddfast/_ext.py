@@ -86,3 +86,46 @@ def similarity_degree(items: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
         )
         return out
     raise ValueError(f"similarity_degree: unsupported device {items.device}")
+
+
+def class_extremes(x: torch.Tensor, labels: torch.Tensor, items: torch.Tensor,
+                   counts: torch.Tensor, largest: bool, eps: float = _EPS):
+    """Per-class extreme cosine and its first (sample, slot) pair, through the compiled module.
+
+    x (B, D) float32/bfloat16/float16 (upcast to float32 here); labels (B,) int64 in [0, C);
+    items (C, N, D) (float32; other dtypes are converted); counts (C,) int64, class c holding
+    items[c, :counts[c]]; all on the CPU. Returns values (C,) float32, arg_sample (C,) and
+    arg_slot (C,) int64: the min (max when ``largest``) cosine over (samples of c) x (slots of
+    c), and the first pair in row-major order attaining it; +-inf and -1 where c has no pair.
+    """
+    mod = _require()
+    if x.dim() != 2 or items.dim() != 3 or items.shape[2] != x.shape[1]:
+        raise ValueError(f"x must be (B, D) and items (C, N, D) with the same D, got "
+                         f"{tuple(x.shape)} and {tuple(items.shape)}")
+    if labels.shape != x.shape[:1] or counts.shape != items.shape[:1]:
+        raise ValueError(f"labels must be ({x.shape[0]},) and counts ({items.shape[0]},), got "
+                         f"{tuple(labels.shape)} and {tuple(counts.shape)}")
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    tensors = (x, labels, items, counts)
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("class_extremes: every input must be on the CPU")
+    x = x.to(torch.float32)
+    if x.stride(1) != 1 or x.stride(0) < x.shape[1]:  # e.g. an expanded view
+        x = x.contiguous()
+    items = items.to(torch.float32)
+    if items.stride(2) != 1 or items.stride(1) < items.shape[2]:
+        items = items.contiguous()
+    labels, counts = labels.to(torch.int64), counts.to(torch.int64)
+    num_classes, slots = items.shape[0], items.shape[1]
+    values = torch.empty(num_classes, dtype=torch.float32)  # (C,)
+    arg_sample = torch.empty(num_classes, dtype=torch.int64)  # (C,)
+    arg_slot = torch.empty(num_classes, dtype=torch.int64)  # (C,)
+    threads = int(os.environ.get("DDFAST_NUM_THREADS", torch.get_num_threads()))
+    mod.class_extremes_cpu(
+        x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), labels.data_ptr(), labels.stride(0),
+        items.data_ptr(), num_classes, slots, items.stride(0), items.stride(1),
+        counts.data_ptr(), counts.stride(0), eps, bool(largest), values.data_ptr(),
+        arg_sample.data_ptr(), arg_slot.data_ptr(), threads,
+    )
+    return values, arg_sample, arg_slot

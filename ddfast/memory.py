@@ -10,8 +10,8 @@ A training step uses them in this order::
     bank.end_epoch()                                       # at each epoch end (epoch timing)
 
 Memories are keyed by the dataset's class index 0..C-1, whatever label conditions the model.
-The arithmetic lives in ``ddfast.ref`` (pure torch); a later change routes it through fused ops
-with the same name stems.
+The arithmetic lives in ``ddfast.ref`` (pure torch); ``minimax_terms`` runs its per-class
+extremes through the fused op ``torch.ops.ddfast.class_extremes`` (``ddfast.ops``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from ddfast.errors import ConfigError
+from ddfast.ops import class_extremes
 from ddfast.ref import (
     MinimaxTerms,
+    combine_minimax_terms,
     insert_adaptive_ref,
     insert_fifo_ref,
-    minimax_terms_ref,
     prune_adaptive_ref,
     prune_fifo_ref,
     unit_rows_ref,
@@ -60,9 +61,10 @@ def _check_labels(labels: object, batch: int, num_classes: int) -> Tensor:
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape ({batch},) to match the batch, "
                          f"got {tuple(labels.shape)}")
-    # A range check costs a host sync on an accelerator; there an out-of-range label surfaces
-    # as an indexing error instead.
-    if labels.device.type == "cpu" and batch and (labels.min() < 0 or labels.max() >= num_classes):
+    # A range check costs a host sync on an accelerator (and a graph break under torch.compile);
+    # there an out-of-range label surfaces as an indexing error instead.
+    if labels.device.type == "cpu" and batch and not torch.compiler.is_compiling() \
+            and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be dataset class indices in [0, {num_classes}), got "
                          f"values in [{int(labels.min())}, {int(labels.max())}]")
     return labels.long()
@@ -302,9 +304,14 @@ def minimax_terms(x0_hat: Tensor, labels: Tensor, real_items: Tensor, real_count
     if x0_hat.device != real_items.device:
         raise ValueError(f"x0_hat is on {x0_hat.device} but the memories are on "
                          f"{real_items.device}; build the memory with device={x0_hat.device}")
-    return minimax_terms_ref(x0_hat, labels.to(real_items.device), real_items, real_counts,
-                             gen_items, gen_counts, lambda_r=float(lambda_r),
-                             lambda_g=float(lambda_g), accumulate_bug=accumulate_bug)
+    labels = labels.to(real_items.device)
+    # The fused op (backend chosen per device by ddfast.backend); ddfast.ref.minimax_terms_ref
+    # is the same computation in plain torch.
+    rep_min = class_extremes(x0_hat, labels, real_items, real_counts, False)[0]  # (C,)
+    div_max = class_extremes(x0_hat, labels, gen_items, gen_counts, True)[0]  # (C,)
+    return combine_minimax_terms(rep_min, div_max, labels, real_counts, gen_counts,
+                                 lambda_r=float(lambda_r), lambda_g=float(lambda_g),
+                                 accumulate_bug=accumulate_bug)
 
 
 class MemoryBank:

@@ -14,9 +14,10 @@ Conventions shared by every function:
   a zero vector has cosine 0 with everything, itself included, instead of producing a NaN.
 * Similarity arithmetic runs in float32 at least (float64 inputs stay float64): x0_hat carries a
   1/sqrt(abar_t) factor up to ~157, which bf16 or fp16 would not survive.
-* Ties in an argmax/argmin go to the first index (torch.argmax's documented rule). Ties in the
-  loss's min/max split the gradient evenly (torch.amin/amax), first among a sample's tied memory
-  slots, then among tied samples; only duplicated data produces such ties.
+* Ties in an argmax/argmin go to the first index (torch.argmax's documented rule). A min/max in
+  the loss is one (sample, slot) pair: the first attaining it in row-major (sample, slot) order,
+  which alone gets the gradient (not an even split among exactly tied pairs); only duplicated
+  data produces such ties.
 """
 
 from __future__ import annotations
@@ -221,23 +222,118 @@ def insert_adaptive_ref(items: Tensor, counts: Tensor, new_items: Tensor, labels
     _store_rows(items, counts, rows, buf, alive)
 
 
+def _own_class_similarities(x_units: Tensor, labels: Tensor, items: Tensor, counts: Tensor,
+                            largest: bool) -> Tensor:
+    """Cosines of each sample with its own class's memory slots; unused slots hold -inf (+inf
+    for a min). x_units (B, D) unit rows; labels (B,); items (C, N, D); counts (C,) -> (B, N)."""
+    capacity = items.shape[1]
+    mem = unit_rows_ref(items.detach()[labels].to(x_units.dtype))  # (B, N, D) own class
+    sim = _dot_rows(mem, x_units.unsqueeze(1))  # (B, N)
+    slots = torch.arange(capacity, device=items.device)  # (N,)
+    valid = slots.unsqueeze(0) < counts[labels].unsqueeze(1)  # (B, N)
+    return sim.masked_fill(~valid, float("-inf") if largest else float("inf"))
+
+
+def _first_extreme_pairs(sim: Tensor, labels: Tensor, counts: Tensor, num_classes: int,
+                         largest: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per class, the extreme of a masked (B, N) similarity matrix and its first pair.
+
+    sim (B, N) from ``_own_class_similarities`` (detached); labels (B,); counts (C,). Returns
+    values (C,), arg_sample (C,) and arg_slot (C,) int64: the first (sample, slot) in row-major
+    order attaining the extreme, -1 (and +-inf) where the class has no pair. No host sync.
+    """
+    per_value = sim.amax(1) if largest else sim.amin(1)  # (B,)
+    per_slot = sim.argmax(1) if largest else sim.argmin(1)  # (B,) first slot on ties
+    per_slot = torch.where(counts[labels] > 0, per_slot, -1)  # (B,) -1: no valid slot
+    return first_pair_per_class(per_value, per_slot, labels, num_classes, largest)
+
+
+def first_pair_per_class(per_value: Tensor, per_slot: Tensor, labels: Tensor, num_classes: int,
+                         largest: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduce per-sample extremes to per-class extremes, the first sample winning ties.
+
+    per_value (B,) each sample's extreme cosine over its class's slots; per_slot (B,) int64 the
+    first slot attaining it, -1 when the class memory is empty; labels (B,). Returns values (C,)
+    (+inf, or -inf when largest, for classes without a pair), arg_sample (C,) and arg_slot (C,)
+    int64 (-1 without a pair). Shared by the reference and the Triton launcher; no host sync.
+    """
+    batch = per_value.shape[0]
+    fill = float("-inf") if largest else float("inf")
+    has_pair = per_slot >= 0  # (B,)
+    per_value = torch.where(has_pair, per_value, fill)  # (B,)
+    init = torch.full((num_classes,), fill, dtype=per_value.dtype, device=per_value.device)
+    values = init.scatter_reduce(0, labels, per_value, reduce="amax" if largest else "amin")
+    sample = torch.arange(batch, device=per_value.device)  # (B,)
+    attains = has_pair & (per_value == values[labels])  # (B,)
+    key = torch.where(attains, sample, batch)  # (B,) batch marks "not a candidate"
+    first = torch.full((num_classes,), batch, dtype=torch.long, device=per_value.device)
+    first = first.scatter_reduce(0, labels, key, reduce="amin")  # (C,)
+    found = first < batch  # (C,)
+    arg_slot = per_slot[first.clamp_max(max(batch - 1, 0))] if batch else first  # (C,)
+    return (values, torch.where(found, first, -1), torch.where(found, arg_slot, -1))
+
+
+def class_extremes_ref(x: Tensor, labels: Tensor, items: Tensor, counts: Tensor,
+                       largest: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per class, the min (or max) cosine over (its samples in the batch) x (its memory slots).
+
+    x (B, D) any float dtype; labels (B,) int64 in [0, C); items (C, N, D); counts (C,) int64
+    (class c holds items[c, :counts[c]]). Returns values (C,) float32 (float64 for float64
+    input), arg_sample (C,) and arg_slot (C,) int64: the first (sample, slot) pair in row-major
+    order attaining the extreme. Classes absent from the batch or with an empty memory get +inf
+    (-inf when largest) and -1, -1. Materialises the (B, N) cosines; no gradient, no host sync.
+    """
+    num_classes = items.shape[0]
+    x_units = unit_rows_ref(x.detach())  # (B, D)
+    sim = _own_class_similarities(x_units, labels, items, counts, largest)  # (B, N)
+    if sim.shape[1] == 0:  # no slots at all: every class is empty
+        sim = torch.zeros(sim.shape[0], 1, dtype=sim.dtype, device=sim.device)
+        counts = torch.zeros_like(counts)
+    return _first_extreme_pairs(sim, labels, counts, num_classes, largest)
+
+
 def _class_extreme(x_units: Tensor, labels: Tensor, items: Tensor, counts: Tensor,
                    largest: bool) -> Tensor:
     """Per class, the min (or max) cosine over (its samples in the batch) x (its memory).
 
     x_units (B, D) unit rows; labels (B,); items (C, N, D); counts (C,). Returns (C,), +inf
-    (-inf for the max) for classes absent from the batch or with an empty memory.
+    (-inf for the max) for classes absent from the batch or with an empty memory. The value is
+    read at the first extreme pair (``class_extremes_ref``), so that pair alone gets gradient.
     """
-    num_classes, capacity = items.shape[0], items.shape[1]
-    mem = unit_rows_ref(items.detach()[labels].to(x_units.dtype))  # (B, N, D) own class
-    sim = _dot_rows(mem, x_units.unsqueeze(1))  # (B, N)
-    slots = torch.arange(capacity, device=items.device)  # (N,)
-    valid = slots.unsqueeze(0) < counts[labels].unsqueeze(1)  # (B, N)
+    num_classes = items.shape[0]
     fill = float("-inf") if largest else float("inf")
-    sim = sim.masked_fill(~valid, fill)
-    per_sample = sim.amax(1) if largest else sim.amin(1)  # (B,)
-    init = torch.full((num_classes,), fill, dtype=sim.dtype, device=sim.device)  # (C,)
-    return init.scatter_reduce(0, labels, per_sample, reduce="amax" if largest else "amin")
+    sim = _own_class_similarities(x_units, labels, items, counts, largest)  # (B, N)
+    if sim.numel() == 0:
+        return torch.full((num_classes,), fill, dtype=sim.dtype, device=sim.device)
+    _, arg_sample, arg_slot = _first_extreme_pairs(sim.detach(), labels, counts, num_classes,
+                                                   largest)
+    picked = sim[arg_sample.clamp_min(0), arg_slot.clamp_min(0)]  # (C,)
+    return torch.where(arg_sample >= 0, picked, fill)
+
+
+def combine_minimax_terms(rep_min: Tensor, div_max: Tensor, labels: Tensor, real_counts: Tensor,
+                          gen_counts: Tensor, *, lambda_r: float, lambda_g: float,
+                          accumulate_bug: bool = False) -> MinimaxTerms:
+    """The minimax terms from the per-class extremes (see ``minimax_terms_ref``).
+
+    rep_min (C,) min cosine with the real memory, div_max (C,) max cosine with the generated
+    one, +-inf where a class has no pair; labels (B,); real_counts, gen_counts (C,).
+    """
+    num_classes = rep_min.shape[0]
+    present = torch.zeros(num_classes, dtype=torch.bool, device=rep_min.device)  # (C,)
+    present[labels] = True
+    has_gen = present & (gen_counts > 0)  # (C,)
+    has_real = has_gen & (real_counts > 0)  # (C,)
+    weight = 1.0 / present.sum().to(rep_min.dtype)  # () 1/n
+    if accumulate_bug:
+        weight = weight * present.flip(0).cumsum(0).flip(0).to(rep_min.dtype)  # (C,) >= c
+    # Swap the +-inf of skipped classes for finite values first, so no inf reaches the
+    # arithmetic (and no 0 * inf reaches a gradient).
+    rep_min = torch.where(has_real, rep_min, 1.0)
+    div_max = torch.where(has_gen, div_max, 0.0)
+    rep = torch.where(has_real, lambda_r * weight * (1.0 - rep_min), 0.0)  # (C,)
+    div = torch.where(has_gen, lambda_g * weight * div_max, 0.0)  # (C,)
+    return MinimaxTerms(rep.sum() + div.sum(), rep, div)
 
 
 def minimax_terms_ref(x0_hat: Tensor, labels: Tensor, real_items: Tensor, real_counts: Tensor,
@@ -260,21 +356,9 @@ def minimax_terms_ref(x0_hat: Tensor, labels: Tensor, real_items: Tensor, real_c
     real_counts (C,); gen_items (C, N_G, D); gen_counts (C,). Returns MinimaxTerms with total ()
     and rep, div (C,) in float32 (float64 for float64 input). No host synchronisation.
     """
-    num_classes = real_items.shape[0]
     x = unit_rows_ref(x0_hat)  # (B, D)
     rep_min = _class_extreme(x, labels, real_items, real_counts, largest=False)  # (C,)
     div_max = _class_extreme(x, labels, gen_items, gen_counts, largest=True)  # (C,)
-    present = torch.zeros(num_classes, dtype=torch.bool, device=x.device)  # (C,)
-    present[labels] = True
-    has_gen = present & (gen_counts > 0)  # (C,)
-    has_real = has_gen & (real_counts > 0)  # (C,)
-    weight = 1.0 / present.sum().to(x.dtype)  # () 1/n
-    if accumulate_bug:
-        weight = weight * present.flip(0).cumsum(0).flip(0).to(x.dtype)  # (C,) classes >= c
-    # Swap the +-inf of skipped classes for finite values first, so no inf reaches the
-    # arithmetic (and no 0 * inf reaches a gradient).
-    rep_min = torch.where(has_real, rep_min, 1.0)
-    div_max = torch.where(has_gen, div_max, 0.0)
-    rep = torch.where(has_real, lambda_r * weight * (1.0 - rep_min), 0.0)  # (C,)
-    div = torch.where(has_gen, lambda_g * weight * div_max, 0.0)  # (C,)
-    return MinimaxTerms(rep.sum() + div.sum(), rep, div)
+    return combine_minimax_terms(rep_min, div_max, labels, real_counts, gen_counts,
+                                 lambda_r=lambda_r, lambda_g=lambda_g,
+                                 accumulate_bug=accumulate_bug)

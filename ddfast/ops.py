@@ -1,0 +1,91 @@
+"""torch.library custom ops of ddfast: backend choice, fake (meta) implementation and autograd.
+
+``torch.ops.ddfast.class_extremes(x, labels, items, counts, largest)`` -> (values, arg_sample,
+arg_slot): per class c, the min (max when ``largest``) over (samples i with label c) x (slots
+j < counts[c]) of cos(x_i, items[c, j]), and the first (sample, slot) pair in row-major order
+attaining it; +inf (-inf) and -1, -1 for a class without a pair. ``ddfast.backend.choose``
+picks the implementation (``ddfast.ref.class_extremes_ref`` is the specification). Only x gets
+gradient, and only the sample of each extreme pair: the backward recomputes the C extreme
+cosines, never a (B, N) matrix. Being an opaque op, it traces under
+``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ddfast import _ext
+from ddfast.backend import choose
+from ddfast.ref import COS_EPS, class_extremes_ref
+
+__all__ = ["class_extremes"]
+
+
+def _value_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.library.custom_op("ddfast::class_extremes", mutates_args=())
+def class_extremes(x: Tensor, labels: Tensor, items: Tensor, counts: Tensor,
+                   largest: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """x (B, D) float; labels (B,) int64; items (C, N, D); counts (C,) int64 -> values (C,)
+    float32 (float64 for float64 x), arg_sample (C,) int64, arg_slot (C,) int64."""
+    backend = choose("class_extremes", x.device)
+    if x.dtype == torch.float64:  # the fast paths compute in float32; keep float64 exact
+        backend = "ref"
+    if backend == "cpp":
+        return _ext.class_extremes(x, labels, items, counts, largest, COS_EPS)
+    if backend == "triton":
+        from ddfast.kernels.minimax import class_extremes as triton_class_extremes
+
+        return triton_class_extremes(x, labels, items, counts, largest, COS_EPS)
+    values, arg_sample, arg_slot = class_extremes_ref(x, labels, items, counts, largest)
+    # Fresh tensors (an op's outputs may not alias its inputs or each other).
+    return values.contiguous(), arg_sample.clone(), arg_slot.clone()
+
+
+@class_extremes.register_fake
+def _(x: Tensor, labels: Tensor, items: Tensor, counts: Tensor, largest: bool):
+    num_classes = items.shape[0]
+    values = x.new_empty((num_classes,), dtype=_value_dtype(x.dtype))
+    arg_sample = x.new_empty((num_classes,), dtype=torch.int64)
+    arg_slot = x.new_empty((num_classes,), dtype=torch.int64)
+    return values, arg_sample, arg_slot
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, _, items, _, _ = inputs
+    _, arg_sample, arg_slot = output
+    ctx.save_for_backward(x, items, arg_sample, arg_slot)
+
+
+def _backward(ctx, grad_values: Tensor, grad_arg_sample, grad_arg_slot):
+    """d cos(x_i, m) / d x_i at each class's extreme pair, scattered to its sample.
+
+    With u = x / max(|x|, eps) and m_hat = m / max(|m|, eps): (m_hat - cos * u) / |x| when
+    |x| >= eps, m_hat / eps otherwise (the floor is then a constant).
+    """
+    x, items, arg_sample, arg_slot = ctx.saved_tensors
+    dtype = _value_dtype(x.dtype)
+    found = arg_sample >= 0  # (C,)
+    sample = arg_sample.clamp_min(0)  # (C,)
+    classes = torch.arange(items.shape[0], device=items.device)  # (C,)
+    xs = x.detach()[sample].to(dtype)  # (C, D)
+    m = items.detach()[classes, arg_slot.clamp_min(0)].to(dtype)  # (C, D)
+    x_norm = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)  # (C, 1)
+    m_hat = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(COS_EPS)  # (C, D)
+    u = xs / x_norm.clamp_min(COS_EPS)  # (C, D)
+    cos = (u * m_hat).sum(-1, keepdim=True)  # (C, 1)
+    grad = torch.where(x_norm >= COS_EPS, (m_hat - cos * u) / x_norm.clamp_min(COS_EPS),
+                       m_hat / COS_EPS)  # (C, D)
+    scale = torch.where(found, grad_values.to(dtype), 0.0).unsqueeze(1)  # (C, 1)
+    # Each sample has one class, so distinct found classes never share a row: the sum is exact
+    # and order-free; classes without a pair add zeros to row 0.
+    grad_x = torch.zeros(x.shape, dtype=dtype, device=x.device)  # (B, D)
+    if x.shape[0]:
+        grad_x = grad_x.index_add(0, sample, torch.where(found.unsqueeze(1), grad * scale, 0.0))
+    return grad_x.to(x.dtype), None, None, None, None
+
+
+class_extremes.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,331 @@
+"""torch.ops.ddfast.class_extremes on every backend that runs here, against ddfast.ref.
+
+Values and gradients of x are compared with ``minimax_terms_ref`` (the spec); the chosen pairs
+with ``class_extremes_ref``. Triton runs under TRITON_INTERPRET=1 on a CPU-only machine, with
+small shapes (the interpreter costs per loop iteration).
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from ddfast import _ext, backend
+from ddfast.errors import ConfigError
+from ddfast.memory import minimax_terms
+from ddfast.ops import class_extremes
+from ddfast.ref import class_extremes_ref, minimax_terms_ref
+
+BACKENDS = ["ref", "cpp", "triton"]
+LAMBDAS = {"lambda_r": 0.5, "lambda_g": 0.25}
+
+
+def _skip_unless_runs(name):
+    if name == "cpp" and not _ext.available():
+        pytest.skip("compiled module not built")
+    if name == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(params=BACKENDS)
+def use_backend(request, monkeypatch):
+    _skip_unless_runs(request.param)
+    monkeypatch.setenv("DDFAST_BACKEND", request.param)
+    return request.param
+
+
+def memory(num_classes, slots, dim, counts, gen):
+    """Random items of varied norms, slots past each count held at zero (as ClassMemory does)."""
+    items = torch.randn(num_classes, slots, dim, generator=gen)
+    items *= torch.rand(num_classes, slots, 1, generator=gen) * 4 + 0.1
+    used = torch.arange(slots).unsqueeze(0) < counts.unsqueeze(1)  # (C, N)
+    return torch.where(used.unsqueeze(-1), items, 0.0)
+
+
+def random_case(batch, num_classes, slots, dim, dtype, seed):
+    """A batch missing class num_classes - 1, with an empty real memory for class 1 and an
+    empty generated memory for class 2; other counts random in [1, slots]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, dim, generator=gen) * 30).to(dtype)
+    labels = torch.randint(0, num_classes - 1, (batch,), generator=gen)
+    labels[:3] = torch.tensor([0, 1, 2])
+    real_counts = torch.randint(1, slots + 1, (num_classes,), generator=gen)
+    gen_counts = torch.randint(1, slots + 1, (num_classes,), generator=gen)
+    real_counts[1] = 0
+    gen_counts[2] = 0
+    real = memory(num_classes, slots, dim, real_counts, gen)
+    fake = memory(num_classes, slots, dim, gen_counts, gen)
+    return x, labels, real, real_counts, fake, gen_counts
+
+
+def _near_tie_rows(x, labels, items, counts, largest, got, want, atol):
+    """Rows whose gradients may legitimately differ: classes where the two pairs differ, which
+    must then be near-ties of the reference's cosines (else the pair is wrong)."""
+    _, got_s, got_j = got
+    want_v, want_s, want_j = want
+    rows = set()
+    for c in torch.nonzero((got_s != want_s) | (got_j != want_j)).flatten().tolist():
+        assert got_s[c] >= 0 and want_s[c] >= 0, f"class {c}: pair found by only one side"
+        i, j = int(got_s[c]), int(got_j[c])
+        xi = x[i].double() / x[i].double().norm().clamp_min(1e-8)
+        m = items[c, j].double() / items[c, j].double().norm().clamp_min(1e-8)
+        gap = abs(float(xi @ m) - float(want_v[c]))
+        assert gap <= atol, f"class {c}: pair ({i}, {j}) is {gap:.3g} from the extreme"
+        rows |= {i, int(want_s[c])}
+    return rows
+
+
+def check_parity(x, labels, real, real_counts, fake, gen_counts, *, accumulate_bug=False):
+    """Op pairs against class_extremes_ref; minimax_terms values and grad of x against the ref."""
+    value_atol = 2e-6 if x.dtype == torch.float32 else 1e-5
+    skip_rows = set()
+    for items, counts, largest in ((real, real_counts, False), (fake, gen_counts, True)):
+        got = torch.ops.ddfast.class_extremes(x, labels, items, counts, largest)
+        want = class_extremes_ref(x, labels, items, counts, largest)
+        assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.int64
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=value_atol)
+        skip_rows |= _near_tie_rows(x, labels, items, counts, largest, got, want, value_atol)
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = minimax_terms(xg, labels, real, real_counts, fake, gen_counts,
+                        accumulate_bug=accumulate_bug, **LAMBDAS)
+    want = minimax_terms_ref(xr, labels, real, real_counts, fake, gen_counts,
+                             accumulate_bug=accumulate_bug, **LAMBDAS)
+    for name in ("total", "rep", "div"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0,
+                                   atol=value_atol, msg=lambda m, n=name: f"{n}: {m}")
+    got.total.backward()
+    want.total.backward()
+    keep = [i for i in range(x.shape[0]) if i not in skip_rows]
+    g, w = xg.grad[keep].float(), xr.grad[keep].float()
+    scale = float(w.abs().max().clamp_min(1e-30))
+    rtol = 1e-4 if x.dtype == torch.float32 else 1.6e-2
+    err = (g - w).abs()
+    if err.numel():
+        worst = divmod(int(err.argmax()), g.shape[1])
+        assert float(err.max()) <= rtol * scale, f"grad differs most at (row, col) {worst}"
+    # Only the samples of the extreme pairs get gradient.
+    assert torch.equal(xg.grad.float().abs().sum(1) > 0, xr.grad.float().abs().sum(1) > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dim", [1152, 4096, 37])
+@pytest.mark.parametrize("slots", [1, 64])
+def test_parity_random(use_backend, dtype, dim, slots, one_thread):
+    if use_backend == "triton" and not torch.cuda.is_available():
+        slots = min(slots, 16)  # the interpreter is slow
+    case = random_case(8, 5, slots, dim, dtype, seed=dim * 131 + slots)
+    check_parity(*case)
+    if dim == 37:
+        check_parity(*case, accumulate_bug=True)
+
+
+def test_parity_large_memory_cpp(monkeypatch, one_thread):
+    _skip_unless_runs("cpp")
+    monkeypatch.setenv("DDFAST_BACKEND", "cpp")
+    check_parity(*random_case(6, 4, 4096, 96, torch.float32, seed=7))
+
+
+def tie_case(largest_pair_first):
+    """Class 0 holds two exact copies of the extreme item (slots 1 and 3), and samples 1 and 3
+    are exact copies of each other: the pair (1, 1) must win over (1, 3), (3, 1) and (3, 3)."""
+    gen = torch.Generator().manual_seed(1)
+    dim = 64
+    x = torch.randn(5, dim, generator=gen)
+    x[3] = x[1]
+    labels = torch.tensor([0, 0, 1, 0, 1])
+    counts = torch.tensor([5, 4])
+    items = memory(2, 5, dim, counts, gen) * 0.01  # weak cosines
+    sign = 1.0 if largest_pair_first else -1.0
+    items[0, 1] = items[0, 3] = sign * 3.0 * x[1]  # cos = +-1 with samples 1 and 3
+    return x, labels, items, counts
+
+
+@pytest.mark.parametrize("largest", [True, False], ids=["max", "min"])
+def test_exact_ties_go_to_first_pair(use_backend, largest):
+    x, labels, items, counts = tie_case(largest)
+    values, arg_sample, arg_slot = torch.ops.ddfast.class_extremes(x, labels, items, counts,
+                                                                   largest)
+    assert (int(arg_sample[0]), int(arg_slot[0])) == (1, 1)
+    assert values[0].item() == pytest.approx(1.0 if largest else -1.0, abs=1e-6)
+    want = class_extremes_ref(x, labels, items, counts, largest)
+    assert torch.equal(arg_sample, want[1]) and torch.equal(arg_slot, want[2])
+    # Gradient: sample 1 alone, as the reference now gives it.
+    real, fake = (items * 0.5, items) if largest else (items, items * 0.5)
+    xg = x.clone().requires_grad_()
+    minimax_terms(xg, labels, real, counts, fake, counts, **LAMBDAS).total.backward()
+    xr = x.clone().requires_grad_()
+    minimax_terms_ref(xr, labels, real, counts, fake, counts, **LAMBDAS).total.backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-7)
+    term_rows = xr.grad[[1, 3]].abs().sum(1)
+    assert term_rows[0] > 0 and term_rows[1] == 0
+
+
+def test_reference_tie_gradient_goes_to_first_pair():
+    x, labels, items, counts = tie_case(True)
+    xr = x.clone().requires_grad_()
+    terms = minimax_terms_ref(xr, labels, items, torch.zeros_like(counts), items, counts,
+                              lambda_r=0.0, lambda_g=1.0)
+    terms.total.backward()
+    rows = xr.grad.abs().sum(1)
+    assert rows[1] > 0 and rows[3] == 0
+
+
+def test_zero_vectors(use_backend):
+    """A zero sample has cosine 0 with everything and attains the min over a memory of items
+    pointing its classmate's way; its gradient is m_hat / eps, as in the reference."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 48, generator=gen)
+    x[0] = 0.0
+    labels = torch.tensor([0, 0, 1, 1])
+    counts = torch.tensor([3, 3])
+    real = x[[1, 1, 1, 3, 3, 3]].view(2, 3, 48) + 0.1 * torch.randn(2, 3, 48, generator=gen)
+    fake = real.clone()
+    fake[1, 2] = 0.0  # a zero item: cosine 0
+    check_parity(x, labels, real, counts, fake, counts)
+    values, arg_sample, arg_slot = torch.ops.ddfast.class_extremes(x, labels, real, counts, False)
+    assert values[0].item() == 0.0 and int(arg_sample[0]) == 0 and int(arg_slot[0]) == 0
+
+
+def test_every_memory_empty_and_absent_classes(use_backend):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, generator=gen)
+    labels = torch.tensor([2, 2, 0])
+    items = torch.zeros(4, 6, 40)
+    counts = torch.zeros(4, dtype=torch.long)
+    for largest, fill in ((False, float("inf")), (True, float("-inf"))):
+        values, arg_sample, arg_slot = torch.ops.ddfast.class_extremes(x, labels, items, counts,
+                                                                       largest)
+        assert values.eq(fill).all() and arg_sample.eq(-1).all() and arg_slot.eq(-1).all()
+    counts[2] = 2
+    items[2, :2] = torch.randn(2, 40, generator=gen)
+    check_parity(x, labels, items, counts, items, counts)
+    values, arg_sample, _ = torch.ops.ddfast.class_extremes(x, labels, items, counts, True)
+    assert values[[0, 1, 3]].eq(float("-inf")).all() and arg_sample[[0, 1, 3]].eq(-1).all()
+
+
+def test_cpp_is_thread_count_invariant(monkeypatch):
+    _skip_unless_runs("cpp")
+    x, labels, real, real_counts, _, _ = random_case(16, 5, 32, 100, torch.float32, seed=9)
+    outs = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("DDFAST_NUM_THREADS", threads)
+        outs.append(_ext.class_extremes(x, labels, real, real_counts, False))
+    for out in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], out, strict=True))
+
+
+def test_cpp_rejects_bad_input():
+    _skip_unless_runs("cpp")
+    x, items, counts = torch.randn(2, 8), torch.randn(3, 4, 8), torch.tensor([4, 4, 4])
+    with pytest.raises(IndexError, match="outside"):
+        _ext.class_extremes(x, torch.tensor([0, 3]), items, counts, True)
+    with pytest.raises(ValueError, match="same D"):
+        _ext.class_extremes(x, torch.tensor([0, 1]), torch.randn(3, 4, 9), counts, True)
+    with pytest.raises(ValueError, match="float32"):
+        _ext.class_extremes(x.double(), torch.tensor([0, 1]), items, counts, True)
+
+
+def test_float64_input_stays_float64(use_backend):
+    x, labels, real, real_counts, _, _ = random_case(6, 4, 8, 20, torch.float64, seed=12)
+    values, _, _ = torch.ops.ddfast.class_extremes(x, labels, real, real_counts, False)
+    want = class_extremes_ref(x, labels, real, real_counts, False)[0]
+    assert values.dtype == torch.float64 and torch.equal(values, want)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_opcheck(name, monkeypatch):
+    _skip_unless_runs(name)
+    monkeypatch.setenv("DDFAST_BACKEND", name)
+    x, labels, real, real_counts, fake, gen_counts = random_case(6, 4, 8, 24, torch.float32, 3)
+    for items, counts, largest in ((real, real_counts, False), (fake, gen_counts, True)):
+        args = (x.clone().requires_grad_(), labels, items, counts, largest)
+        torch.library.opcheck(torch.ops.ddfast.class_extremes.default, args)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager(one_thread):
+    x, labels, real, real_counts, fake, gen_counts = random_case(6, 4, 8, 24, torch.float32, 5)
+
+    def loss(x0):
+        terms = minimax_terms(x0, labels, real, real_counts, fake, gen_counts, **LAMBDAS)
+        return terms.total * 3.0 + (x0.float() ** 2).mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager_value, compiled_value = loss(xe), compiled(xc)
+    eager_value.backward()
+    compiled_value.backward()
+    torch.testing.assert_close(compiled_value, eager_value)
+    torch.testing.assert_close(xc.grad, xe.grad)
+
+
+def test_opaque_direct_call_matches_library_op():
+    x, labels, real, real_counts, _, _ = random_case(4, 4, 4, 16, torch.float32, 6)
+    direct = class_extremes(x, labels, real, real_counts, True)
+    via_ops = torch.ops.ddfast.class_extremes(x, labels, real, real_counts, True)
+    assert all(torch.equal(a, b) for a, b in zip(direct, via_ops, strict=True))
+
+
+# Backend chooser.
+
+
+def test_default_cpu_backend_is_cpp(monkeypatch):
+    _skip_unless_runs("cpp")
+    monkeypatch.delenv("DDFAST_BACKEND", raising=False)
+    assert backend.choose("class_extremes", "cpu") == "cpp"
+
+
+@pytest.mark.parametrize("name", ["ref", "cpp"])
+def test_env_override(name, monkeypatch):
+    _skip_unless_runs(name)
+    monkeypatch.setenv("DDFAST_BACKEND", name.upper())
+    assert backend.choose("class_extremes", torch.device("cpu")) == name
+
+
+def test_bad_override_names_the_choices(monkeypatch):
+    monkeypatch.setenv("DDFAST_BACKEND", "fastest")
+    with pytest.raises(ConfigError, match=r"DDFAST_BACKEND='fastest'.*ref, cpp, triton, cuda"):
+        backend.choose("class_extremes", "cpu")
+
+
+def test_override_that_cannot_run_says_why(monkeypatch):
+    monkeypatch.setenv("DDFAST_BACKEND", "cuda")
+    with pytest.raises(ConfigError, match="cannot run class_extremes on cpu"):
+        backend.choose("class_extremes", "cpu")
+    monkeypatch.setenv("DDFAST_BACKEND", "cpp")
+    with pytest.raises(ConfigError, match="CPU only"):
+        backend.choose("class_extremes", "cuda")
+    monkeypatch.setenv("DDFAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+        backend.choose("class_extremes", "cpu")
+    with pytest.raises(ValueError, match="unknown operation"):
+        backend.choose("no_such_op", "cpu")
+
+
+def test_fallback_warns_once(monkeypatch):
+    monkeypatch.delenv("DDFAST_BACKEND", raising=False)
+    monkeypatch.setattr(backend._ext, "available", lambda: False)
+    monkeypatch.setattr(backend, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backend.choose("class_extremes", "cpu") == "ref"
+        assert backend.choose("class_extremes", "cpu") == "ref"
+    assert len(caught) == 1 and "pip install -e ." in str(caught[0].message)
+
+
+def test_cuda_default_order(monkeypatch):
+    """triton, then cuda (for ops that have it), then ref with one warning; no GPU is touched."""
+    monkeypatch.delenv("DDFAST_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(backend, "find_spec", lambda name: object())
+    assert backend.choose("class_extremes", "cuda") == "triton"
+    monkeypatch.setattr(backend, "find_spec", lambda name: None)
+    monkeypatch.setattr(backend._ext, "has_cuda", lambda: True)
+    assert backend.choose("similarity_degree", "cuda") == "cuda"
+    with pytest.warns(RuntimeWarning, match="falls back"):
+        assert backend.choose("class_extremes", "cuda") == "ref"
