@@ -58,6 +58,7 @@ class Scale:
     base: dict = field(default_factory=dict)  # ddfast.train overrides of every run
     sweep: tuple[float, ...] = (0.25, 4.0)  # ablation factors around each default
     small_repeats: int = 0  # repeats under the IDC recipe (``small``); 0 = ``repeats``
+    ablation_repeats: int = 0  # repeats of each ablation point; 0 = ``repeats``
 
     def repeats_of(self, protocol: str) -> int:
         return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
@@ -72,13 +73,13 @@ SCALES = {
                                full_epochs=50, ablations=True),
     },
     # Sized for 2 CPU cores: digits complete at IPC 1 and 10 (the IDC recipe, 2000 epochs at
-    # IPC 10, once per method); Fashion-MNIST with a cheaper DiT
+    # IPC 10, once per method; ablation points twice); Fashion-MNIST with a cheaper DiT
     # (micro with 7x7 patches: 16 tokens, so 6000 steps fit; a patch-4 model after 2000 steps
     # still sampled noise), one repeat, the DC/DSA recipe only, no ablations, one epoch of
     # full-data training.
     "cpu": {
         "digits": Scale(ipc=(1, 10), repeats=3, protocols=("dc", "small"), full_epochs=100,
-                        ablations=True, small_repeats=1),
+                        ablations=True, small_repeats=1, ablation_repeats=2),
         "fashion-mnist": Scale(ipc=(1, 10), repeats=1, protocols=("dc",), full_epochs=1,
                                ablations=False, base={
                                    "model.dit": "micro", "model.patch_size": "7",
@@ -287,7 +288,7 @@ class Study:
                         self.evaluate_cell(f"{method}-r{r}-ipc{ipc}-{proto}", x, y, proto, r)
         if s.ablations and "ours-step" in methods:
             for _key, tag, extra in self.ablation_points():
-                for r in range(s.repeats):
+                for r in range(s.ablation_repeats or s.repeats):
                     x, y = self.method_set("ours-step", r, 10, extra, tag)
                     self.evaluate_cell(f"ours-step{tag}-r{r}-ipc10-dc", x, y, "dc", r)
 

@@ -30,9 +30,9 @@ def _stats(cells: list[dict], key: str = "acc_best") -> dict | None:
             "std": float(arr.std()), "n": len(vals)}
 
 
-def _cells(study, prefix: str, ipc: int, proto: str) -> list[dict]:
+def _cells(study, prefix: str, ipc: int, proto: str, repeats: int = 0) -> list[dict]:
     out = []
-    for r in range(study.scale.repeats_of(proto)):
+    for r in range(repeats or study.scale.repeats_of(proto)):
         path = study.work / "evals" / f"{prefix}-r{r}-ipc{ipc}-{proto}.json"
         if path.is_file():
             out.append(json.loads(path.read_text()))
@@ -66,7 +66,8 @@ def collect(study) -> dict:
                        "accuracy": default.get("ours-step", {}).get("accuracy")}]
             for k, tag, extra in points:
                 if k == key:
-                    cells = _cells(study, f"ours-step{tag}", 10, "dc")
+                    cells = _cells(study, f"ours-step{tag}", 10, "dc",
+                                   s.ablation_repeats or s.repeats)
                     series.append({"value": float(extra[key]), "default": False,
                                    "accuracy": _stats(cells),
                                    "pairwise": _stats(cells, "pairwise")})
@@ -82,7 +83,9 @@ def collect(study) -> dict:
     return {
         "dataset": study.dataset, "scale": study.scale_name,
         "settings": {"ipc": list(s.ipc), "repeats": s.repeats, "protocols": list(s.protocols),
-                     "small_repeats": s.repeats_of("small"), "full_epochs": s.full_epochs,
+                     "small_repeats": s.repeats_of("small"),
+                     "ablation_repeats": s.ablation_repeats or s.repeats,
+                     "full_epochs": s.full_epochs,
                      "eval_epochs": s.eval_epochs or "protocol",
                      "run_overrides": study.base, "ablation_factors": list(s.sweep)},
         "device": device_name(study.device), "torch": torch.__version__,
