@@ -124,3 +124,122 @@ def test_class_extremes_triton(benchmark, extremes_shape):
 @pytest.mark.skip(reason="class_extremes has no CUDA C++ kernel yet (Triton serves GPUs)")
 def test_class_extremes_cuda(benchmark, extremes_shape):
     raise AssertionError("unreachable")
+
+
+# Adaptive insertion: (B samples, C classes, N slots, D dims), memories full so that every
+# class evicts its batch count. The step shape of DiT-XL/2 with 64 slots, and a large batch
+# into 4096-slot memories (CUDA only).
+INSERT_SHAPES = [(8, 10, 64, 4096), (256, 10, 4096, 4096)]
+
+
+@pytest.fixture(params=[pytest.param(s, id=f"B{s[0]}xC{s[1]}xN{s[2]}xD{s[3]}")
+                        for s in INSERT_SHAPES])
+def insert_shape(request):
+    return request.param
+
+
+def _insert_device(shape, device):
+    batch, _, slots, dim = shape
+    large = (slots + batch) * dim * min(batch, shape[1]) > 2**26
+    if device == "cuda" or large:
+        if not torch.cuda.is_available():
+            pytest.skip("the large shape is timed on a GPU only" if large else "needs CUDA")
+        return "cuda"
+    return "cpu"
+
+
+def _bench_insert(benchmark, shape, device, fn):
+    """Times fn(items, counts, new_items, labels) on fresh copies of full memories each round
+    (the op mutates them); the copy is outside the timing."""
+    batch, num_classes, slots, dim = shape
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(num_classes, slots, dim, generator=gen).to(device)
+    counts = torch.full((num_classes,), slots, dtype=torch.int64, device=device)
+    new_items = torch.randn(batch, dim, generator=gen).to(device)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+    # Each class's pool (memory + its batch items) is read once per eviction.
+    benchmark.extra_info["bytes"] = batch * (slots + batch) * dim * 4
+
+    def setup():
+        return (base.clone(), counts.clone(), new_items, labels), {}
+
+    def run(items, cnt, new, lab):
+        fn(items, cnt, new, lab)
+        if items.is_cuda:
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, setup=setup, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="insert_adaptive")
+def test_insert_adaptive_ref(benchmark, insert_shape):
+    from ddfast.ref import insert_adaptive_ref
+
+    device = _insert_device(insert_shape, "cpu")
+    _bench_insert(benchmark, insert_shape, device, insert_adaptive_ref)
+
+
+@pytest.mark.benchmark(group="insert_adaptive")
+def test_insert_adaptive_cpp(benchmark, insert_shape):
+    if _insert_device(insert_shape, "cpu") != "cpu":
+        pytest.skip("the compiled CPU path is timed at the CPU shape only")
+    _bench_insert(benchmark, insert_shape, "cpu",
+                  lambda *args: _ext.insert_memory(*args, True))
+
+
+@pytest.mark.benchmark(group="insert_adaptive")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton is timed on a GPU only")
+def test_insert_adaptive_triton(benchmark, insert_shape):
+    from ddfast.kernels.memory_insert import insert_memory
+
+    _bench_insert(benchmark, insert_shape, "cuda", lambda *args: insert_memory(*args, True))
+
+
+@pytest.mark.benchmark(group="insert_adaptive")
+@pytest.mark.skip(reason="insert_memory has no CUDA C++ kernel yet (Triton serves GPUs)")
+def test_insert_adaptive_cuda(benchmark, insert_shape):
+    raise AssertionError("unreachable")
+
+
+# Epoch pruning of one class: K = 1300 items (about an ImageNet class's share of an epoch) to
+# N = 64, D = 4096.
+PRUNE_SHAPE = (1300, 64, 4096)
+
+
+def _bench_prune(benchmark, device, fn):
+    num, capacity, dim = PRUNE_SHAPE
+    x = torch.randn(num, dim, generator=torch.Generator().manual_seed(0)).to(device)
+    benchmark.extra_info["bytes"] = (num - capacity) * num * dim * 4 // 2  # shrinking pool reads
+
+    def run():
+        out = fn(x, capacity)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="prune_adaptive")
+def test_prune_adaptive_ref(benchmark):
+    from ddfast.ref import prune_adaptive_ref
+
+    _bench_prune(benchmark, "cpu", prune_adaptive_ref)
+
+
+@pytest.mark.benchmark(group="prune_adaptive")
+def test_prune_adaptive_cpp(benchmark):
+    _bench_prune(benchmark, "cpu", _ext.prune_adaptive)
+
+
+@pytest.mark.benchmark(group="prune_adaptive")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton is timed on a GPU only")
+def test_prune_adaptive_triton(benchmark):
+    from ddfast.kernels.memory_insert import prune_adaptive
+
+    _bench_prune(benchmark, "cuda", prune_adaptive)
+
+
+@pytest.mark.benchmark(group="prune_adaptive")
+@pytest.mark.skip(reason="prune_adaptive has no CUDA C++ kernel yet (Triton serves GPUs)")
+def test_prune_adaptive_cuda(benchmark):
+    raise AssertionError("unreachable")

@@ -62,6 +62,43 @@ PYBIND11_MODULE(_C, m) {
       "Per-class min (max when largest) cosine between fp32 samples and their class's memory "
       "items, with the first (sample, slot) pair attaining it; writes num_classes entries each.");
 
+  m.def(
+      "insert_memory_cpu",
+      [](std::uintptr_t items, int64_t num_classes, int64_t slots, int64_t dim,
+         int64_t items_class_stride, int64_t items_slot_stride, std::uintptr_t counts,
+         int64_t counts_stride, std::uintptr_t new_items, int64_t batch, int64_t new_row_stride,
+         std::uintptr_t labels, int64_t labels_stride, bool adaptive, float eps,
+         int num_threads) {
+        const ddfast::InsertMemoryParams params{
+            reinterpret_cast<float*>(items), num_classes, slots, dim, items_class_stride,
+            items_slot_stride, reinterpret_cast<int64_t*>(counts), counts_stride,
+            reinterpret_cast<const float*>(new_items), batch, new_row_stride,
+            reinterpret_cast<const int64_t*>(labels), labels_stride, adaptive, eps};
+        py::gil_scoped_release release;
+        ddfast::insert_memory_cpu(params, num_threads);
+      },
+      py::arg("items"), py::arg("num_classes"), py::arg("slots"), py::arg("dim"),
+      py::arg("items_class_stride"), py::arg("items_slot_stride"), py::arg("counts"),
+      py::arg("counts_stride"), py::arg("new_items"), py::arg("batch"),
+      py::arg("new_row_stride"), py::arg("labels"), py::arg("labels_stride"),
+      py::arg("adaptive"), py::arg("eps"), py::arg("num_threads"),
+      "Append a batch to fp32 per-class memories and shrink each to capacity (fifo or "
+      "adaptive), updating items and counts in place.");
+
+  m.def(
+      "prune_adaptive_cpu",
+      [](std::uintptr_t x, int64_t rows, int64_t cols, int64_t row_stride, int64_t capacity,
+         int64_t refresh_every, float eps, std::uintptr_t kept, int num_threads) {
+        py::gil_scoped_release release;
+        return ddfast::prune_adaptive_cpu(matrix(x, rows, cols, row_stride), capacity,
+                                          refresh_every, eps, reinterpret_cast<int64_t*>(kept),
+                                          num_threads);
+      },
+      py::arg("x"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("capacity"),
+      py::arg("refresh_every"), py::arg("eps"), py::arg("kept"), py::arg("num_threads"),
+      "Adaptive pruning of an fp32 (rows, cols) set to capacity; writes the kept row indices "
+      "(ascending) and returns how many.");
+
 #ifdef DDFAST_WITH_CUDA
   m.def(
       "similarity_degree_cuda",

@@ -52,6 +52,42 @@ struct ClassExtremesParams {
 void class_extremes_cpu(const ClassExtremesParams& params, float* values, int64_t* arg_sample,
                         int64_t* arg_slot, int num_threads);
 
+// Inputs of a memory insertion (method.md section 3). items is (num_classes, slots, dim) fp32
+// with contiguous columns and counts (num_classes,) int64, both updated in place; new_items is
+// (batch, dim) fp32 with contiguous columns; labels (batch,) int64 in [0, num_classes).
+struct InsertMemoryParams {
+  float* items;
+  int64_t num_classes;
+  int64_t slots;
+  int64_t dim;
+  int64_t items_class_stride;
+  int64_t items_slot_stride;
+  int64_t* counts;
+  int64_t counts_stride;
+  const float* new_items;
+  int64_t batch;
+  int64_t new_row_stride;
+  const int64_t* labels;
+  int64_t labels_stride;
+  bool adaptive;
+  float eps;
+};
+
+// Appends each class's batch items (in batch order) after its items[c, :counts[c]], then
+// shrinks the class to `slots` items: fifo drops the oldest; adaptive evicts, one at a time, the
+// alive item of largest similarity degree u_i . sum_j u_j (first index on ties; with two left,
+// the first unless only the second is nonzero), O(K dim) per eviction. Survivors are compacted
+// to the front in order, later slots zeroed, counts updated. Reproduces ddfast.ref's
+// insert_fifo_ref / insert_adaptive_ref. Threaded over classes; independent of num_threads.
+void insert_memory_cpu(const InsertMemoryParams& params, int num_threads);
+
+// Adaptive pruning of the (rows, cols) set x to `capacity` rows (ddfast.ref.prune_adaptive_ref):
+// the running sum of alive unit rows is recomputed exactly every `refresh_every` evictions (0:
+// never). Writes the kept row indices, ascending, to `kept` (room for min(rows, capacity)) and
+// returns how many.
+int64_t prune_adaptive_cpu(const MatrixParams& x, int64_t capacity, int64_t refresh_every,
+                           float eps, int64_t* kept, int num_threads);
+
 #ifdef DDFAST_WITH_CUDA
 // Same computation on the GPU, enqueued on `stream` (a cudaStream_t passed as an integer).
 // `workspace` must hold rows + cols floats of device memory.

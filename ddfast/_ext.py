@@ -129,3 +129,68 @@ def class_extremes(x: torch.Tensor, labels: torch.Tensor, items: torch.Tensor,
         arg_sample.data_ptr(), arg_slot.data_ptr(), threads,
     )
     return values, arg_sample, arg_slot
+
+
+def _threads() -> int:
+    return int(os.environ.get("DDFAST_NUM_THREADS", torch.get_num_threads()))
+
+
+def insert_memory(items: torch.Tensor, counts: torch.Tensor, new_items: torch.Tensor,
+                  labels: torch.Tensor, adaptive: bool, eps: float = _EPS) -> None:
+    """Append a batch to per-class memories and shrink them to capacity, in place.
+
+    items (C, N, D) float32 with contiguous columns and counts (C,) int64 are updated in place;
+    new_items (B, D) (cast to float32 here); labels (B,) int64 in [0, C); all on the CPU.
+    ``adaptive`` picks the adaptive rule (largest similarity degree goes first), else fifo.
+    Same result as ``ddfast.ref.insert_adaptive_ref`` / ``insert_fifo_ref``.
+    """
+    from ddfast.ref import check_insert_args
+
+    mod = _require()
+    check_insert_args(items, counts, new_items, labels)
+    if items.dtype != torch.float32 or counts.dtype != torch.int64:
+        raise ValueError(f"items must be float32 and counts int64 (they are updated in place), "
+                         f"got {items.dtype} and {counts.dtype}")
+    if items.stride(2) != 1 or items.stride(1) < items.shape[2]:
+        raise ValueError("items must have contiguous rows (stride 1 along D); it is updated in "
+                         "place, so pass a contiguous tensor")
+    if any(t.device.type != "cpu" for t in (items, counts, new_items, labels)):
+        raise ValueError("insert_memory: every input must be on the CPU")
+    new_items = new_items.to(torch.float32)
+    if new_items.stride(1) != 1 or new_items.stride(0) < new_items.shape[1]:
+        new_items = new_items.contiguous()
+    labels = labels.to(torch.int64)
+    num_classes, slots, dim = items.shape
+    mod.insert_memory_cpu(
+        items.data_ptr(), num_classes, slots, dim, items.stride(0), items.stride(1),
+        counts.data_ptr(), counts.stride(0), new_items.data_ptr(), new_items.shape[0],
+        new_items.stride(0), labels.data_ptr(), labels.stride(0), bool(adaptive), eps,
+        _threads(),
+    )
+
+
+def prune_adaptive(x: torch.Tensor, capacity: int, refresh_every: int = 64,
+                   eps: float = _EPS) -> torch.Tensor:
+    """Indices of the rows adaptive pruning keeps from x (K, D), ascending.
+
+    x float32 (other float dtypes are cast) on the CPU; capacity >= 0. Evicts the alive row of
+    largest similarity degree until capacity remain, recomputing the running sum exactly every
+    ``refresh_every`` evictions (0: never), as ``ddfast.ref.prune_adaptive_ref``.
+    Returns (min(K, capacity),) int64.
+    """
+    mod = _require()
+    if x.dim() != 2 or not x.is_floating_point() or x.device.type != "cpu":
+        raise ValueError(f"x must be a floating (K, D) CPU tensor, got {tuple(x.shape)} "
+                         f"{x.dtype} on {x.device}")
+    if isinstance(capacity, bool) or capacity < 0 or refresh_every < 0:
+        raise ValueError(f"capacity and refresh_every must be >= 0, got {capacity!r} and "
+                         f"{refresh_every!r}")
+    x = x.to(torch.float32)
+    if x.stride(1) != 1 or x.stride(0) < x.shape[1]:
+        x = x.contiguous()
+    kept = torch.empty(min(x.shape[0], capacity), dtype=torch.int64)  # (M,)
+    num = mod.prune_adaptive_cpu(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), capacity,
+                                 refresh_every, eps, kept.data_ptr(), _threads())
+    if num != kept.shape[0]:
+        raise RuntimeError(f"prune_adaptive_cpu kept {num} rows, expected {kept.shape[0]}")
+    return kept

@@ -25,6 +25,8 @@ BACKENDS = ("ref", "cpp", "triton", "cuda")
 # The backends each operation has besides "ref".
 OPS: dict[str, tuple[str, ...]] = {
     "class_extremes": ("ref", "cpp", "triton"),
+    "insert_memory": ("ref", "cpp", "triton"),
+    "prune_adaptive": ("ref", "cpp", "triton"),
     "similarity_degree": ("ref", "cpp", "triton", "cuda"),
 }
 

@@ -11,7 +11,9 @@ A training step uses them in this order::
 
 Memories are keyed by the dataset's class index 0..C-1, whatever label conditions the model.
 The arithmetic lives in ``ddfast.ref`` (pure torch); ``minimax_terms`` runs its per-class
-extremes through the fused op ``torch.ops.ddfast.class_extremes`` (``ddfast.ops``).
+extremes through the fused op ``torch.ops.ddfast.class_extremes``, insertion runs through
+``torch.ops.ddfast.insert_memory`` and adaptive epoch pruning through
+``torch.ops.ddfast.prune_adaptive`` (``ddfast.ops``).
 """
 
 from __future__ import annotations
@@ -22,13 +24,10 @@ import torch
 from torch import Tensor
 
 from ddfast.errors import ConfigError
-from ddfast.ops import class_extremes
+from ddfast.ops import class_extremes, insert_memory, prune_adaptive
 from ddfast.ref import (
     MinimaxTerms,
     combine_minimax_terms,
-    insert_adaptive_ref,
-    insert_fifo_ref,
-    prune_adaptive_ref,
     prune_fifo_ref,
     unit_rows_ref,
 )
@@ -142,10 +141,10 @@ class ClassMemory:
             return
         if self.timing == "epoch":
             self._stage(flat, labels)
-        elif self.policy == "fifo":
-            insert_fifo_ref(self.items, self.counts, flat, labels)
         else:
-            insert_adaptive_ref(self.items, self.counts, flat, labels)
+            # The fused op (backend chosen per device by ddfast.backend); ddfast.ref's
+            # insert_fifo_ref / insert_adaptive_ref are the same computation in plain torch.
+            insert_memory(self.items, self.counts, flat, labels, self.policy == "adaptive")
 
     def _stage(self, flat: Tensor, labels: Tensor) -> None:
         need = self._num_staged + flat.shape[0]
@@ -182,7 +181,7 @@ class ClassMemory:
             if self.policy == "fifo":
                 keep = prune_fifo_ref(pool.shape[0], self.capacity, self.device)
             else:
-                keep = prune_adaptive_ref(pool, self.capacity)
+                keep = prune_adaptive(pool, self.capacity)  # ddfast.ref.prune_adaptive_ref
             self.items[c].zero_()
             self.items[c, : keep.shape[0]] = pool[keep]
             self.counts[c] = keep.shape[0]

@@ -8,6 +8,13 @@ picks the implementation (``ddfast.ref.class_extremes_ref`` is the specification
 gradient, and only the sample of each extreme pair: the backward recomputes the C extreme
 cosines, never a (B, N) matrix. Being an opaque op, it traces under
 ``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+
+``torch.ops.ddfast.insert_memory(items, counts, new_items, labels, adaptive)`` appends a batch
+to per-class memories and shrinks each to capacity (fifo, or adaptive when ``adaptive``),
+mutating ``items`` and ``counts`` in place (``ddfast.ref.insert_fifo_ref`` /
+``insert_adaptive_ref`` are the specification). ``torch.ops.ddfast.prune_adaptive(x, capacity)``
+returns the indices of the rows adaptive pruning keeps (``ddfast.ref.prune_adaptive_ref``).
+Both take detached data and have no autograd.
 """
 
 from __future__ import annotations
@@ -17,9 +24,16 @@ from torch import Tensor
 
 from ddfast import _ext
 from ddfast.backend import choose
-from ddfast.ref import COS_EPS, class_extremes_ref
+from ddfast.ref import (
+    COS_EPS,
+    REFRESH_EVERY,
+    class_extremes_ref,
+    insert_adaptive_ref,
+    insert_fifo_ref,
+    prune_adaptive_ref,
+)
 
-__all__ = ["class_extremes"]
+__all__ = ["class_extremes", "insert_memory", "prune_adaptive"]
 
 
 def _value_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,3 +103,51 @@ def _backward(ctx, grad_values: Tensor, grad_arg_sample, grad_arg_slot):
 
 
 class_extremes.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("ddfast::insert_memory", mutates_args=("items", "counts"))
+def insert_memory(items: Tensor, counts: Tensor, new_items: Tensor, labels: Tensor,
+                  adaptive: bool) -> None:
+    """items (C, N, D) float and counts (C,) int64, updated in place; new_items (B, D);
+    labels (B,) int64 in [0, C); ``adaptive``: the adaptive rule, else fifo."""
+    backend = choose("insert_memory", items.device)
+    if items.dtype != torch.float32:  # the fast paths store float32; keep other dtypes exact
+        backend = "ref"
+    if backend == "cpp" and items.is_contiguous() and counts.dtype == torch.int64:
+        _ext.insert_memory(items, counts, new_items, labels, adaptive, COS_EPS)
+    elif backend == "triton":
+        from ddfast.kernels.memory_insert import insert_memory as triton_insert_memory
+
+        triton_insert_memory(items, counts, new_items, labels, adaptive, COS_EPS)
+    elif adaptive:
+        insert_adaptive_ref(items, counts, new_items, labels)
+    else:
+        insert_fifo_ref(items, counts, new_items, labels)
+
+
+@insert_memory.register_fake
+def _(items: Tensor, counts: Tensor, new_items: Tensor, labels: Tensor, adaptive: bool) -> None:
+    return None
+
+
+@torch.library.custom_op("ddfast::prune_adaptive", mutates_args=())
+def prune_adaptive(x: Tensor, capacity: int) -> Tensor:
+    """x (K, D) float -> indices of the rows adaptive pruning keeps, (min(K, capacity),) int64
+    ascending (logical order)."""
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    backend = choose("prune_adaptive", x.device)
+    if x.dtype == torch.float64:  # the fast paths compute in float32; keep float64 exact
+        backend = "ref"
+    if backend == "cpp":
+        return _ext.prune_adaptive(x, capacity, REFRESH_EVERY, COS_EPS)
+    if backend == "triton":
+        from ddfast.kernels.memory_insert import prune_adaptive as triton_prune_adaptive
+
+        return triton_prune_adaptive(x, capacity, REFRESH_EVERY, COS_EPS)
+    return prune_adaptive_ref(x, capacity).clone()
+
+
+@prune_adaptive.register_fake
+def _(x: Tensor, capacity: int) -> Tensor:
+    return x.new_empty((min(x.shape[0], capacity),), dtype=torch.int64)

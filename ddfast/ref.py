@@ -173,7 +173,8 @@ def _store_rows(items: Tensor, counts: Tensor, rows: Tensor, buf: Tensor, keep: 
     counts[rows] = num_kept[leader]
 
 
-def _check_insert(items: Tensor, counts: Tensor, new_items: Tensor, labels: Tensor) -> None:
+def check_insert_args(items: Tensor, counts: Tensor, new_items: Tensor, labels: Tensor) -> None:
+    """ValueError unless items (C, N, D), counts (C,), new_items (B, D) and labels (B,) fit."""
     if items.dim() != 3 or counts.shape != items.shape[:1]:
         raise ValueError(f"items must be (C, N, D) and counts (C,), got {tuple(items.shape)} "
                          f"and {tuple(counts.shape)}")
@@ -190,7 +191,7 @@ def insert_fifo_ref(items: Tensor, counts: Tensor, new_items: Tensor, labels: Te
     int64 in [0, C). Each class keeps its newest N items, so a class with more than N items in
     the batch keeps only its last N. No host synchronisation.
     """
-    _check_insert(items, counts, new_items, labels)
+    check_insert_args(items, counts, new_items, labels)
     if new_items.shape[0] == 0:
         return
     rows, buf, valid = _merge_batch(items, counts, new_items.to(items.dtype), labels)
@@ -208,7 +209,7 @@ def insert_adaptive_ref(items: Tensor, counts: Tensor, new_items: Tensor, labels
     it held at most N before), so there is no host synchronisation. Work per round is
     O(R (N + B) D) with R = min(B, C) rows.
     """
-    _check_insert(items, counts, new_items, labels)
+    check_insert_args(items, counts, new_items, labels)
     batch = new_items.shape[0]
     if batch == 0:
         return

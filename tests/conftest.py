@@ -26,3 +26,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+BACKENDS = ["ref", "cpp", "triton"]
+
+
+def skip_unless_backend_runs(name):
+    """Skip where a backend cannot run: an unbuilt extension, or Triton without a GPU or the
+    interpreter (CI builds the extension and sets the interpreter, so nothing skips there)."""
+    from ddfast import _ext
+
+    if name == "cpp" and not _ext.available():
+        pytest.skip("compiled module not built")
+    if name == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(params=BACKENDS)
+def use_backend(request, monkeypatch):
+    """Run the test once per backend, forced through DDFAST_BACKEND."""
+    skip_unless_backend_runs(request.param)
+    monkeypatch.setenv("DDFAST_BACKEND", request.param)
+    return request.param

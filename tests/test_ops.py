@@ -5,11 +5,11 @@ with ``class_extremes_ref``. Triton runs under TRITON_INTERPRET=1 on a CPU-only 
 small shapes (the interpreter costs per loop iteration).
 """
 
-import os
 import warnings
 
 import pytest
 import torch
+from conftest import BACKENDS, skip_unless_backend_runs
 
 from ddfast import _ext, backend
 from ddfast.errors import ConfigError
@@ -17,24 +17,7 @@ from ddfast.memory import minimax_terms
 from ddfast.ops import class_extremes
 from ddfast.ref import class_extremes_ref, minimax_terms_ref
 
-BACKENDS = ["ref", "cpp", "triton"]
 LAMBDAS = {"lambda_r": 0.5, "lambda_g": 0.25}
-
-
-def _skip_unless_runs(name):
-    if name == "cpp" and not _ext.available():
-        pytest.skip("compiled module not built")
-    if name == "triton":
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
-
-
-@pytest.fixture(params=BACKENDS)
-def use_backend(request, monkeypatch):
-    _skip_unless_runs(request.param)
-    monkeypatch.setenv("DDFAST_BACKEND", request.param)
-    return request.param
 
 
 def memory(num_classes, slots, dim, counts, gen):
@@ -123,7 +106,7 @@ def test_parity_random(use_backend, dtype, dim, slots, one_thread):
 
 
 def test_parity_large_memory_cpp(monkeypatch, one_thread):
-    _skip_unless_runs("cpp")
+    skip_unless_backend_runs("cpp")
     monkeypatch.setenv("DDFAST_BACKEND", "cpp")
     check_parity(*random_case(6, 4, 4096, 96, torch.float32, seed=7))
 
@@ -207,7 +190,7 @@ def test_every_memory_empty_and_absent_classes(use_backend):
 
 
 def test_cpp_is_thread_count_invariant(monkeypatch):
-    _skip_unless_runs("cpp")
+    skip_unless_backend_runs("cpp")
     x, labels, real, real_counts, _, _ = random_case(16, 5, 32, 100, torch.float32, seed=9)
     outs = []
     for threads in ("1", "2", "3"):
@@ -218,7 +201,7 @@ def test_cpp_is_thread_count_invariant(monkeypatch):
 
 
 def test_cpp_rejects_bad_input():
-    _skip_unless_runs("cpp")
+    skip_unless_backend_runs("cpp")
     x, items, counts = torch.randn(2, 8), torch.randn(3, 4, 8), torch.tensor([4, 4, 4])
     with pytest.raises(IndexError, match="outside"):
         _ext.class_extremes(x, torch.tensor([0, 3]), items, counts, True)
@@ -237,7 +220,7 @@ def test_float64_input_stays_float64(use_backend):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_opcheck(name, monkeypatch):
-    _skip_unless_runs(name)
+    skip_unless_backend_runs(name)
     monkeypatch.setenv("DDFAST_BACKEND", name)
     x, labels, real, real_counts, fake, gen_counts = random_case(6, 4, 8, 24, torch.float32, 3)
     for items, counts, largest in ((real, real_counts, False), (fake, gen_counts, True)):
@@ -274,14 +257,14 @@ def test_opaque_direct_call_matches_library_op():
 
 
 def test_default_cpu_backend_is_cpp(monkeypatch):
-    _skip_unless_runs("cpp")
+    skip_unless_backend_runs("cpp")
     monkeypatch.delenv("DDFAST_BACKEND", raising=False)
     assert backend.choose("class_extremes", "cpu") == "cpp"
 
 
 @pytest.mark.parametrize("name", ["ref", "cpp"])
 def test_env_override(name, monkeypatch):
-    _skip_unless_runs(name)
+    skip_unless_backend_runs(name)
     monkeypatch.setenv("DDFAST_BACKEND", name.upper())
     assert backend.choose("class_extremes", torch.device("cpu")) == name
 
