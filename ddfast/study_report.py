@@ -55,19 +55,18 @@ def collect(study) -> dict:
                              "repeats": [c["acc_best"] for c in cells]})
     ablations = []
     if s.ablations:
-        default = {r["method"]: r for r in rows
-                   if r["protocol"] == "dc" and r["ipc"] == 10 and r["method"] == "ours-step"}
+        reps = s.ablation_repeats or s.repeats
+        # The default point over the same repeats as the swept ones, so the ranges compare.
+        default_acc = _stats(_cells(study, "ours-step", 10, "dc", reps))
         cfg = study.config("probe", {})
         points = list(study.ablation_points())
         for key in ABLATED:
             section, name = key.split(".")
             base_value = getattr(getattr(cfg, section), name)
-            series = [{"value": base_value, "default": True,
-                       "accuracy": default.get("ours-step", {}).get("accuracy")}]
+            series = [{"value": base_value, "default": True, "accuracy": default_acc}]
             for k, tag, extra in points:
                 if k == key:
-                    cells = _cells(study, f"ours-step{tag}", 10, "dc",
-                                   s.ablation_repeats or s.repeats)
+                    cells = _cells(study, f"ours-step{tag}", 10, "dc", reps)
                     series.append({"value": float(extra[key]), "default": False,
                                    "accuracy": _stats(cells),
                                    "pairwise": _stats(cells, "pairwise")})
@@ -128,7 +127,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
         if res["full"] and proto == "dc":
             f = res["full"]
-            lines.append(f"| full training set ({f['num_train']} images, {f['epochs']} epochs) | "
+            lines.append(f"| full training set ({f['num_train']} images, {f['epochs']} epochs; "
+                         f"one value) | "
                          + " | ".join([f"{f['accuracy']:.1f}"] * len(ipcs)) + " |")
         if proto == "dc":
             pub_ipc = res["published"]["ipc"]
@@ -144,7 +144,7 @@ def markdown(res: dict) -> str:
         cells = []
         for i in ipcs:
             r = next(r for r in dc if r["method"] == method and r["ipc"] == i)
-            pw = "-" if r["pairwise"] is None else f"{r['pairwise']['mean']:.3f}"
+            pw = "-" if r["pairwise"] is None else f"{r['pairwise']['mean']:.4f}"
             cov = "-" if r["coverage"] is None else f"{r['coverage']['mean']:.3f}"
             cells.append(f"{pw} / {cov}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
