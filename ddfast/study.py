@@ -155,9 +155,7 @@ class Study:
                                   f"expected {cfg.digest()}): delete it or use another --out")
             return folder
         log(f"[study] run {name}")
-        t = time.perf_counter()
-        run(cfg, resume=folder.is_dir())
-        self._time(f"run/{name}", time.perf_counter() - t)
+        run(cfg, resume=folder.is_dir())  # its summary.json records the time of each stage
         return folder
 
     def pretrained(self) -> Path:
@@ -214,7 +212,6 @@ class Study:
             save_tensors(w_path, {k: v.detach().cpu().contiguous() for k, v in
                                   model.state_dict().items()}, {"network": "convnet3"})
             write_json(rec_path, record)
-            self._time("full", record["seconds"])
         self._full = (record, model)
         return self._full
 
@@ -302,12 +299,6 @@ class Study:
                 value = default * f
                 value = max(1, round(value)) if isinstance(default, int) else value
                 yield key, f"-{name}{value:g}", {key: str(value)}
-
-    def _time(self, what: str, seconds: float) -> None:
-        path = self.work / "timings.json"
-        times = json.loads(path.read_text()) if path.is_file() else {}
-        times[what] = round(seconds, 2)
-        write_json(path, times)
 
     # ------------------------------------------------------------------------------ report
     def report(self) -> dict:

@@ -63,10 +63,12 @@ def test_the_runs_differ_by_method_and_share_one_model(study_dir):
 def test_rerun_skips_finished_cells_and_report_marks_missing(study_dir):
     evals = study_dir / "work" / "evals"
     before = {p.name: p.stat().st_mtime_ns for p in evals.iterdir()}
-    timings = (study_dir / "work" / "timings.json").read_text()
+    summaries = sorted((study_dir / "work").glob("*/summary.json"))
+    runs_before = [p.read_text() for p in summaries]
     assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(study_dir)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in evals.iterdir()} == before
-    assert (study_dir / "work" / "timings.json").read_text() == timings
+    assert sorted((study_dir / "work").glob("*/summary.json")) == summaries
+    assert [p.read_text() for p in summaries] == runs_before  # no run was redone
     moved = evals / "minimax-r0-ipc10-dc.json"
     keep = moved.read_bytes()
     moved.unlink()

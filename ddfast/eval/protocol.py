@@ -303,14 +303,15 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
             x = augment(train_x[idx], aug_gen)  # (b, C, S, S) normalised
             if proto.cutmix:
                 x, y_a, y_b, lam = cutmix(x, train_y[idx], alpha=CUTMIX_BETA, generator=aug_gen)
-            else:
-                y_a = y_b = train_y[idx]
-                lam = 1.0
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = model(x).float()  # (b, K)
-            loss = lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
+            if proto.cutmix:
+                loss = (lam * F.cross_entropy(logits, y_a)
+                        + (1 - lam) * F.cross_entropy(logits, y_b))
+            else:
+                loss = F.cross_entropy(logits, train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -328,7 +329,8 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
 
 
 def _prepare(train_x, test_x, proto: Protocol, device, flip: bool | None = None):
-    """Move both sets to the device; returns (train [0, 1], test normalised, augment, size)."""
+    """Move both sets to the device; returns (train [0, 1], test normalised, augment, size,
+    flip), ``flip`` being the flip in force (``None`` resolves to "RGB sets only")."""
     from ddfast.eval.augment import Augment, norm_stats, test_transform
 
     train = _as_unit(train_x, "train", device)  # (N, C, H, W)
@@ -364,7 +366,7 @@ def _prepare(train_x, test_x, proto: Protocol, device, flip: bool | None = None)
     else:
         augment = Augment(out_size=size, flip=flip, jitter=0.4 if rgb else 0.0,
                           lighting=0.1 if rgb else 0.0, mean=mean, std=std)
-    return train, test, augment, size
+    return train, test, augment, size, flip
 
 
 def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs: int,
@@ -401,7 +403,7 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
                         "images: every test class needs train images")
     epochs = epochs or proto.epochs or epochs_for_ipc(ipc)
     start = time.perf_counter()
-    train, test, augment, size = _prepare(train_x, test_x, proto, dev, flip)
+    train, test, augment, size, flip = _prepare(train_x, test_x, proto, dev, flip)
     for net in networks:  # an unknown name fails now, not after hours of the first network
         _build(net, num_classes, test.shape[1], size, seed)
     train_y, test_y = train_y.to(dev), test_y.to(dev)
@@ -409,7 +411,7 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
            "device": str(dev), "ipc": ipc, "num_train": int(train.shape[0]),
            "num_test": int(test.shape[0]), "num_classes": num_classes, "resolution": size,
            "std": "population (ddof=0, as IDC)", "accuracy": "percent", "augment": proto.augment,
-           "flip": bool(train.shape[1] == 3 if flip is None else flip), "networks": {}}
+           "flip": flip, "networks": {}}
     for k, net in enumerate(networks):
         runs = [_train_one(train, train_y, test, test_y, network=net, num_classes=num_classes,
                            epochs=epochs, augment=augment, device=dev,
@@ -439,7 +441,7 @@ def train_classifier(train_x, train_y, test_x, test_y, *, network: str = "convne
     train_y = torch.as_tensor(train_y, dtype=torch.int64).to(dev)
     test_y = torch.as_tensor(test_y, dtype=torch.int64).to(dev)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    train, test, augment, _ = _prepare(train_x, test_x, proto, dev, flip)
+    train, test, augment, _, _ = _prepare(train_x, test_x, proto, dev, flip)
     record, model = _train_one(
         train, train_y, test, test_y, network=network, num_classes=num_classes, epochs=epochs,
         augment=augment, device=dev, seed=seed, batch_size=batch_size or proto.batch_size,
