@@ -66,25 +66,23 @@ void evict_adaptive(const float* units, int64_t k, int64_t d, int64_t target,
     }
   };
   recompute_total();
-  // Self-cosine 1 (a nonzero row) rather than 0 (a zero row), for the two-items-left rule.
+  // Self-cosine 1 (a nonzero row) rather than 0 (a zero row), for the two-nonzero-items rule.
   std::vector<char> nonzero(k, 0);
-  for (int64_t i = 0; i < k; ++i) nonzero[i] = self_dot(units + i * d, d) > 0.5 ? 1 : 0;
+  int64_t num_nonzero = 0;  // alive nonzero rows
+  for (int64_t i = 0; i < k; ++i) {
+    nonzero[i] = self_dot(units + i * d, d) > 0.5 ? 1 : 0;
+    if (alive[i] && nonzero[i]) ++num_nonzero;
+  }
   std::vector<double> degree(k, 0.0);
   const bool split = threads > 1 && k * d >= (int64_t{1} << 16);
   for (int64_t step = 0; num_alive > target; ++step) {
     if (refresh_every > 0 && step > 0 && step % refresh_every == 0) recompute_total();
     int64_t victim = -1;
-    if (num_alive == 2) {
-      // Both degrees are 1 + cos(m_1, m_2) in exact arithmetic: the first goes, unless only
-      // the second is nonzero.
-      int64_t best_key = -1;
-      for (int64_t i = 0; i < k; ++i) {
-        if (!alive[i]) continue;
-        const int64_t key = nonzero[i] ? 2 : 1;
-        if (key > best_key) {
-          best_key = key;
-          victim = i;
-        }
+    if (num_nonzero == 2) {
+      // Both nonzero degrees are 1 + cos(m_1, m_2) in exact arithmetic and every zero row's is
+      // 0: the first nonzero row goes, whatever the rounding.
+      for (int64_t i = 0; i < k && victim < 0; ++i) {
+        if (alive[i] && nonzero[i]) victim = i;
       }
     } else {
       auto degrees = [&](int64_t begin, int64_t end) {
@@ -109,6 +107,7 @@ void evict_adaptive(const float* units, int64_t k, int64_t d, int64_t target,
     }
     alive[victim] = 0;
     --num_alive;
+    if (nonzero[victim]) --num_nonzero;
     const float* gone = units + victim * d;
     for (int64_t j = 0; j < d; ++j) total[j] -= gone[j];
   }

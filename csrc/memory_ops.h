@@ -75,8 +75,8 @@ struct InsertMemoryParams {
 
 // Appends each class's batch items (in batch order) after its items[c, :counts[c]], then
 // shrinks the class to `slots` items: fifo drops the oldest; adaptive evicts, one at a time, the
-// alive item of largest similarity degree u_i . sum_j u_j (first index on ties; with two left,
-// the first unless only the second is nonzero), O(K dim) per eviction. Survivors are compacted
+// alive item of largest similarity degree u_i . sum_j u_j (first index on ties; with exactly two
+// nonzero items alive, the first of them), O(K dim) per eviction. Survivors are compacted
 // to the front in order, later slots zeroed, counts updated. Reproduces ddfast.ref's
 // insert_fifo_ref / insert_adaptive_ref. Threaded over classes; independent of num_threads.
 void insert_memory_cpu(const InsertMemoryParams& params, int num_threads);

@@ -74,9 +74,11 @@ def evict_adaptive_ref(units: Tensor, alive: Tensor, total: Tensor, need: Tensor
 
     In each row r with ``need[r]``, the alive item of largest similarity degree
     ``s_i = units[r, i] . total[r]`` is evicted (first index on ties): it is cleared from
-    ``alive`` and subtracted from ``total``, both in place. O(K D) per row. When two items are
-    left their degrees are equal in exact arithmetic, so the first goes (unless only the second
-    is nonzero: a zero item's self-cosine is 0), whatever the rounding.
+    ``alive`` and subtracted from ``total``, both in place. O(K D) per row. When exactly two
+    nonzero items are alive (whatever number of zero items beside them), both have degree
+    1 + cos(m_1, m_2) in exact arithmetic and every zero item 0, so the first of the two goes,
+    whatever the rounding; this rule also settles the all-zero tie of two antiparallel items.
+    (A zero item's self-cosine is 0; "nonzero" means self-cosine above one half.)
 
     units (R, K, D) unit rows; alive (R, K) bool; total (R, D) sum of the alive units;
     need (R,) bool. Returns the chosen slot per row (R,) int64, meaningless where need is False.
@@ -86,12 +88,11 @@ def evict_adaptive_ref(units: Tensor, alive: Tensor, total: Tensor, need: Tensor
     s = _dot_rows(units, total.unsqueeze(1))  # (R, K)
     s = s.masked_fill(~alive, float("-inf"))
     idx = s.argmax(dim=1)  # (R,) first maximum on ties
-    # With two items left both degrees are 1 + cos(m_1, m_2): an exact tie that rounding would
-    # break at random, so decide it exactly. Only a zero item (self-cosine 0, not 1) breaks it.
-    nonzero = _dot_rows(units, units) > 0.5  # (R, K) self-cosine 1 rather than 0
-    key = torch.where(alive, nonzero.to(torch.int32) + 1, 0)  # (R, K) 0 marks evicted slots
-    first_best = (key == key.amax(1, keepdim=True)).to(torch.uint8).argmax(1)  # (R,)
-    idx = torch.where(alive.sum(1) == 2, first_best, idx)  # (R,)
+    # Two nonzero items alive: both degrees are 1 + cos(m_1, m_2), an exact tie that rounding
+    # would break at random (zero items sit at 0 below them), so decide it exactly.
+    nonzero = alive & (_dot_rows(units, units) > 0.5)  # (R, K) alive with self-cosine 1
+    first_nonzero = nonzero.to(torch.uint8).argmax(1)  # (R,)
+    idx = torch.where(nonzero.sum(1) == 2, first_nonzero, idx)  # (R,)
     hit = torch.nn.functional.one_hot(idx, num_slots).bool() & need.unsqueeze(1)  # (R, K)
     alive &= ~hit
     gone = units.gather(1, idx.view(-1, 1, 1).expand(-1, 1, dim)).squeeze(1)  # (R, D)

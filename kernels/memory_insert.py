@@ -1,16 +1,16 @@
 """Adaptive memory insertion and epoch pruning on the GPU (method.md section 3).
 
-One program per memory row (a class's pool: its items, then its batch items in batch order)
-loops over the evictions that row needs. Each eviction reads the alive rows once, a block of
-slots by a block of dimensions at a time: the unit rows ``x / max(|x|, eps)`` are formed on the
-fly in float32 (as ``ddfast.ref.unit_rows_ref``), the degrees ``u_i . total`` are reduced in
-float32, the first alive slot of largest degree goes (with the reference's exact two-items-left
-rule), and its unit row is subtracted from the running sum ``total``: O(K D) per eviction, never
-a K x K matrix. Pruning recomputes ``total`` from the alive rows every ``refresh_every``
-evictions, as ``ddfast.ref.prune_adaptive_ref`` does. Laying the pools out and compacting the
-survivors back reuse the reference's gather code, so the memory layout is the reference's and
-nothing syncs with the host. fifo insertion has no eviction loop to fuse: the Triton backend runs
-the reference's gathers for it.
+One program per memory row (a class's pool: its items, then its batch items in batch order) loops
+over the evictions that row needs. Each eviction reads the alive rows once, a block of slots by a
+block of dimensions at a time: the unit rows ``x / max(|x|, eps)`` are formed on the fly in
+float32 (as ``ddfast.ref.unit_rows_ref``), the degrees ``u_i . total`` are reduced in float32, the
+first alive slot of largest degree goes (with the reference's exact two-nonzero-items rule), and
+its unit row is subtracted from the running sum ``total``: O(K D) per eviction, never a K x K
+matrix. Pruning recomputes ``total`` from the alive rows every ``refresh_every`` evictions, as
+``ddfast.ref.prune_adaptive_ref`` does. Laying the pools out and compacting the survivors back
+reuse the reference's gather code, so the memory layout is the reference's and nothing syncs with
+the host. fifo insertion has no eviction loop to fuse: the Triton backend runs the reference's
+gathers for it.
 """
 
 from __future__ import annotations
@@ -76,11 +76,12 @@ def _evict_rows_kernel(
         tl.store(nonzero_row + ks, (self_cos > 0.5).to(tl.int8), mask=ks < K)
     tl.debug_barrier()
     _sum_alive_units(row, norm_row, alive_row, total_row, K, D, stride_k, BLOCK_K, BLOCK_D)
-    num_alive = tl.zeros((), dtype=tl.int32)
+    num_nonzero = tl.zeros((), dtype=tl.int32)  # alive nonzero slots
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         live = tl.load(alive_row + ks, mask=ks < K, other=0) != 0
-        num_alive += tl.sum(live.to(tl.int32), axis=0)
+        nz = tl.load(nonzero_row + ks, mask=ks < K, other=0) != 0
+        num_nonzero += tl.sum((live & nz).to(tl.int32), axis=0)
     tl.debug_barrier()
     for step in range(0, n_evict):
         if REFRESH > 0:  # a compile-time branch; the test below is per step
@@ -91,8 +92,7 @@ def _evict_rows_kernel(
                 tl.debug_barrier()
         best = tl.full((), float("-inf"), tl.float32)
         best_slot = tl.zeros((), dtype=tl.int32) + K  # K: none yet
-        best_key = tl.zeros((), dtype=tl.int32)
-        key_slot = tl.zeros((), dtype=tl.int32) + K
+        nz_slot = tl.zeros((), dtype=tl.int32) + K  # first alive nonzero slot
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
             live = (tl.load(alive_row + ks, mask=ks < K, other=0) != 0) & (ks < K)
@@ -111,25 +111,20 @@ def _evict_rows_kernel(
             better = (block_slot < K) & ((block_best > best) | (best_slot >= K))
             best_slot = tl.where(better, block_slot, best_slot)
             best = tl.where(better, block_best, best)
-            # Two-items-left rule: the first alive slot of largest key (nonzero rows key 2).
-            nz = tl.load(nonzero_row + ks, mask=ks < K, other=0).to(tl.int32)
-            key = tl.where(live, nz + 1, 0)
-            block_key = tl.max(key, axis=0)
-            block_key_slot = tl.min(tl.where(live & (key == block_key), ks, K), axis=0)
-            key_better = (block_key_slot < K) & (block_key > best_key)
-            key_slot = tl.where(key_better, block_key_slot, key_slot)
-            best_key = tl.where(key_better, block_key, best_key)
-        victim = tl.where(num_alive == 2, key_slot, best_slot)
+            # Two-nonzero-items rule: the first alive nonzero slot.
+            nz = tl.load(nonzero_row + ks, mask=ks < K, other=0) != 0
+            nz_slot = tl.minimum(nz_slot, tl.min(tl.where(live & nz, ks, K), axis=0))
+        victim = tl.where(num_nonzero == 2, nz_slot, best_slot)
         victim = tl.minimum(victim, K - 1)
         tl.debug_barrier()
         tl.store(alive_row + victim, tl.zeros((), dtype=tl.int8))
+        num_nonzero -= (tl.load(nonzero_row + victim) != 0).to(tl.int32)
         gone_norm = tl.load(norm_row + victim)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             x = tl.load(row + victim * stride_k + cols, mask=cols < D, other=0.0)
             t = tl.load(total_row + cols, mask=cols < D, other=0.0)
             tl.store(total_row + cols, t - x.to(tl.float32) / gone_norm, mask=cols < D)
-        num_alive -= 1
         tl.debug_barrier()
 
 

@@ -169,6 +169,24 @@ def test_zero_vector_and_two_items_left_rule(use_backend, order):
     assert torch.equal(items[0, 0], w[0])
 
 
+def test_two_nonzero_items_beside_zero_items(use_backend):
+    """Two nonzero items among zero ones both have degree 1 + cos in exact arithmetic (the zero
+    ones 0), so the first nonzero one goes whatever the rounding: from [0, a, 0, b] kept down to
+    three items, a goes; then b (degree 1 against 0); then the first zero item."""
+    gen = torch.Generator().manual_seed(16)
+    for trial in range(20):
+        a, b = rows(2, 24, gen)
+        b = b * float(torch.rand((), generator=gen)) * 3  # another length: rounding differs
+        x = torch.stack([torch.zeros(24), a, torch.zeros(24), b])  # (4, 24)
+        for capacity, want in ((3, [0, 2, 3]), (2, [0, 2]), (1, [2])):
+            got = prune_adaptive(x, capacity)
+            assert got.tolist() == want, f"trial {trial}, capacity {capacity}"
+        # The same pool as a memory of capacity 3 receiving b.
+        items, counts = x[:3].clone().unsqueeze(0), torch.tensor([3])
+        check_insert(items, counts, b.view(1, 24), torch.tensor([0]), True)
+        assert torch.equal(items[0], torch.stack([torch.zeros(24), torch.zeros(24), b]))
+
+
 def test_zero_vector_among_random_items(use_backend):
     gen = torch.Generator().manual_seed(8)
     counts = torch.tensor([4, 2])
@@ -253,10 +271,7 @@ def test_prune_parity_cpp_with_duplicates_and_zeros(use_cpp):
     x = rows(200, 37, gen)
     x[50:60] = x[10]  # exact duplicates
     x[[7, 120]] = 0.0  # zero vectors
-    # Not capacity 3: two nonzero rows beside the two zero rows have equal degrees in exact
-    # arithmetic (1 + their cosine), which the reference's two-items-left rule does not cover,
-    # so its choice there is decided by rounding alone.
-    for capacity in (64, 2, 1, 0, 200, 250):
+    for capacity in (64, 3, 2, 1, 0, 200, 250):
         assert torch.equal(prune_adaptive(x, capacity), prune_adaptive_ref(x, capacity))
 
 
@@ -273,8 +288,7 @@ def test_prune_small_every_backend(use_backend):
     x = rows(20, 16, gen)
     x[5] = x[2]
     x[9] = 0.0
-    # Not capacity 2 (see test_prune_parity_cpp_with_duplicates_and_zeros).
-    for capacity in (4, 1, 20):
+    for capacity in (4, 3, 2, 1, 20):
         assert torch.equal(prune_adaptive(x, capacity), prune_adaptive_ref(x, capacity))
 
 
