@@ -73,14 +73,17 @@ def _extremes_inputs(shape, device):
     return x, labels, items, counts
 
 
-def _extremes_info(benchmark, shape):
+def _extremes_info(benchmark, shape, x):
     batch, _, slots, dim = shape
+    benchmark.extra_info["device"] = x.device.type
     benchmark.extra_info["bytes"] = batch * slots * dim * 4 + batch * dim * 4  # own-class reads
     benchmark.extra_info["flops"] = 4 * batch * slots * dim  # dot and item norm per pair
 
 
-def _ref_device(shape):
-    return "cuda" if shape[0] * shape[2] * shape[3] > 2**26 else "cpu"
+def _ref_device(shape=None):
+    """Where the reference runs: the GPU when there is one, so that the ratios in a GPU run
+    compare like with like; else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.benchmark(group="class_extremes")
@@ -88,7 +91,7 @@ def test_class_extremes_ref(benchmark, extremes_shape):
     from ddfast.ref import class_extremes_ref
 
     args = _extremes_inputs(extremes_shape, _ref_device(extremes_shape))
-    _extremes_info(benchmark, extremes_shape)
+    _extremes_info(benchmark, extremes_shape, args[0])
     benchmark(lambda: _sync(class_extremes_ref(*args, False)[0]))
 
 
@@ -97,7 +100,7 @@ def test_class_extremes_ref_compiled(benchmark, extremes_shape):
     from ddfast.ref import class_extremes_ref
 
     args = _extremes_inputs(extremes_shape, _ref_device(extremes_shape))
-    _extremes_info(benchmark, extremes_shape)
+    _extremes_info(benchmark, extremes_shape, args[0])
     compiled = torch.compile(class_extremes_ref, fullgraph=True)
     compiled(*args, False)  # compile outside the timing
     benchmark(lambda: _sync(compiled(*args, False)[0]))
@@ -106,7 +109,7 @@ def test_class_extremes_ref_compiled(benchmark, extremes_shape):
 @pytest.mark.benchmark(group="class_extremes")
 def test_class_extremes_cpp(benchmark, extremes_shape):
     args = _extremes_inputs(extremes_shape, "cpu")
-    _extremes_info(benchmark, extremes_shape)
+    _extremes_info(benchmark, extremes_shape, args[0])
     benchmark(lambda: _ext.class_extremes(*args, False))
 
 
@@ -116,14 +119,17 @@ def test_class_extremes_triton(benchmark, extremes_shape):
     from ddfast.kernels.minimax import class_extremes
 
     args = _extremes_inputs(extremes_shape, "cuda")
-    _extremes_info(benchmark, extremes_shape)
+    _extremes_info(benchmark, extremes_shape, args[0])
     benchmark(lambda: _sync(class_extremes(*args, False)[0]))
 
 
 @pytest.mark.benchmark(group="class_extremes")
-@pytest.mark.skip(reason="class_extremes has no CUDA C++ kernel yet (Triton serves GPUs)")
+@pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_cuda()),
+                    reason="needs a CUDA device and the CUDA build")
 def test_class_extremes_cuda(benchmark, extremes_shape):
-    raise AssertionError("unreachable")
+    args = _extremes_inputs(extremes_shape, "cuda")
+    _extremes_info(benchmark, extremes_shape, args[0])
+    benchmark(lambda: _sync(_ext.class_extremes(*args, False)[0]))
 
 
 # Adaptive insertion: (B samples, C classes, N slots, D dims), memories full so that every
@@ -159,6 +165,7 @@ def _bench_insert(benchmark, shape, device, fn):
     labels = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
     # Each class's pool (memory + its batch items) is read once per eviction.
     benchmark.extra_info["bytes"] = batch * (slots + batch) * dim * 4
+    benchmark.extra_info["device"] = device
 
     def setup():
         return (base.clone(), counts.clone(), new_items, labels), {}
@@ -175,7 +182,7 @@ def _bench_insert(benchmark, shape, device, fn):
 def test_insert_adaptive_ref(benchmark, insert_shape):
     from ddfast.ref import insert_adaptive_ref
 
-    device = _insert_device(insert_shape, "cpu")
+    device = _insert_device(insert_shape, _ref_device())
     _bench_insert(benchmark, insert_shape, device, insert_adaptive_ref)
 
 
@@ -196,9 +203,11 @@ def test_insert_adaptive_triton(benchmark, insert_shape):
 
 
 @pytest.mark.benchmark(group="insert_adaptive")
-@pytest.mark.skip(reason="insert_memory has no CUDA C++ kernel yet (Triton serves GPUs)")
+@pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_cuda()),
+                    reason="needs a CUDA device and the CUDA build")
 def test_insert_adaptive_cuda(benchmark, insert_shape):
-    raise AssertionError("unreachable")
+    _bench_insert(benchmark, insert_shape, "cuda",
+                  lambda *args: _ext.insert_memory_cuda(*args, True))
 
 
 # Epoch pruning of one class: K = 1300 items (about an ImageNet class's share of an epoch) to
@@ -210,6 +219,7 @@ def _bench_prune(benchmark, device, fn):
     num, capacity, dim = PRUNE_SHAPE
     x = torch.randn(num, dim, generator=torch.Generator().manual_seed(0)).to(device)
     benchmark.extra_info["bytes"] = (num - capacity) * num * dim * 4 // 2  # shrinking pool reads
+    benchmark.extra_info["device"] = device
 
     def run():
         out = fn(x, capacity)
@@ -223,7 +233,7 @@ def _bench_prune(benchmark, device, fn):
 def test_prune_adaptive_ref(benchmark):
     from ddfast.ref import prune_adaptive_ref
 
-    _bench_prune(benchmark, "cpu", prune_adaptive_ref)
+    _bench_prune(benchmark, _ref_device(), prune_adaptive_ref)
 
 
 @pytest.mark.benchmark(group="prune_adaptive")
@@ -240,6 +250,7 @@ def test_prune_adaptive_triton(benchmark):
 
 
 @pytest.mark.benchmark(group="prune_adaptive")
-@pytest.mark.skip(reason="prune_adaptive has no CUDA C++ kernel yet (Triton serves GPUs)")
+@pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_cuda()),
+                    reason="needs a CUDA device and the CUDA build")
 def test_prune_adaptive_cuda(benchmark):
-    raise AssertionError("unreachable")
+    _bench_prune(benchmark, "cuda", _ext.prune_adaptive_cuda)

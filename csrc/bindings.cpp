@@ -13,6 +13,20 @@ ddfast::MatrixParams matrix(std::uintptr_t ptr, int64_t rows, int64_t cols, int6
   return {reinterpret_cast<const float*>(ptr), rows, cols, row_stride};
 }
 
+ddfast::ClassExtremesParams extremes_params(std::uintptr_t x, int64_t batch, int64_t dim,
+                                            int64_t x_row_stride, std::uintptr_t labels,
+                                            int64_t labels_stride, std::uintptr_t items,
+                                            int64_t num_classes, int64_t slots,
+                                            int64_t items_class_stride, int64_t items_slot_stride,
+                                            std::uintptr_t counts, int64_t counts_stride,
+                                            float eps, bool largest) {
+  return {reinterpret_cast<const float*>(x), batch, dim, x_row_stride,
+          reinterpret_cast<const int64_t*>(labels), labels_stride,
+          reinterpret_cast<const float*>(items), num_classes, slots, items_class_stride,
+          items_slot_stride, reinterpret_cast<const int64_t*>(counts), counts_stride, eps,
+          largest};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -43,12 +57,10 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t counts, int64_t counts_stride, float eps, bool largest,
          std::uintptr_t values, std::uintptr_t arg_sample, std::uintptr_t arg_slot,
          int num_threads) {
-        const ddfast::ClassExtremesParams params{
-            reinterpret_cast<const float*>(x), batch, dim, x_row_stride,
-            reinterpret_cast<const int64_t*>(labels), labels_stride,
-            reinterpret_cast<const float*>(items), num_classes, slots, items_class_stride,
-            items_slot_stride, reinterpret_cast<const int64_t*>(counts), counts_stride, eps,
-            largest};
+        const auto params = extremes_params(x, batch, dim, x_row_stride, labels, labels_stride,
+                                            items, num_classes, slots, items_class_stride,
+                                            items_slot_stride, counts, counts_stride, eps,
+                                            largest);
         py::gil_scoped_release release;
         ddfast::class_extremes_cpu(params, reinterpret_cast<float*>(values),
                                    reinterpret_cast<int64_t*>(arg_sample),
@@ -111,5 +123,50 @@ PYBIND11_MODULE(_C, m) {
       py::arg("items"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("eps"),
       py::arg("out"), py::arg("workspace"), py::arg("stream"),
       "CUDA similarity degree; workspace holds rows + cols floats; enqueued on `stream`.");
+
+  m.def(
+      "class_extremes_cuda",
+      [](std::uintptr_t x, int64_t batch, int64_t dim, int64_t x_row_stride,
+         std::uintptr_t labels, int64_t labels_stride, std::uintptr_t items, int64_t num_classes,
+         int64_t slots, int64_t items_class_stride, int64_t items_slot_stride,
+         std::uintptr_t counts, int64_t counts_stride, float eps, bool largest,
+         std::uintptr_t values, std::uintptr_t arg_sample, std::uintptr_t arg_slot,
+         std::uintptr_t workspace, std::uintptr_t stream) {
+        const auto params = extremes_params(x, batch, dim, x_row_stride, labels, labels_stride,
+                                            items, num_classes, slots, items_class_stride,
+                                            items_slot_stride, counts, counts_stride, eps,
+                                            largest);
+        ddfast::class_extremes_cuda(params, reinterpret_cast<float*>(values),
+                                    reinterpret_cast<int64_t*>(arg_sample),
+                                    reinterpret_cast<int64_t*>(arg_slot),
+                                    reinterpret_cast<float*>(workspace), stream);
+      },
+      py::arg("x"), py::arg("batch"), py::arg("dim"), py::arg("x_row_stride"), py::arg("labels"),
+      py::arg("labels_stride"), py::arg("items"), py::arg("num_classes"), py::arg("slots"),
+      py::arg("items_class_stride"), py::arg("items_slot_stride"), py::arg("counts"),
+      py::arg("counts_stride"), py::arg("eps"), py::arg("largest"), py::arg("values"),
+      py::arg("arg_sample"), py::arg("arg_slot"), py::arg("workspace"), py::arg("stream"),
+      "CUDA per-class extreme cosine (as class_extremes_cpu); enqueued on `stream`.");
+  m.def("class_extremes_cuda_workspace_bytes", &ddfast::class_extremes_cuda_workspace_bytes,
+        py::arg("batch"), py::arg("num_classes"), py::arg("slots"));
+
+  m.def(
+      "evict_rows_cuda",
+      [](std::uintptr_t buf, int64_t rows, int64_t slots, int64_t dim, int64_t row_stride,
+         int64_t slot_stride, std::uintptr_t alive, std::uintptr_t excess, int64_t steps,
+         int64_t refresh_every, float eps, std::uintptr_t workspace, std::uintptr_t stream) {
+        const ddfast::EvictParams params{reinterpret_cast<const float*>(buf), rows, slots, dim,
+                                         row_stride, slot_stride,
+                                         reinterpret_cast<int8_t*>(alive),
+                                         reinterpret_cast<const int64_t*>(excess)};
+        ddfast::evict_rows_cuda(params, steps, refresh_every, eps,
+                                reinterpret_cast<float*>(workspace), stream);
+      },
+      py::arg("buf"), py::arg("rows"), py::arg("slots"), py::arg("dim"), py::arg("row_stride"),
+      py::arg("slot_stride"), py::arg("alive"), py::arg("excess"), py::arg("steps"),
+      py::arg("refresh_every"), py::arg("eps"), py::arg("workspace"), py::arg("stream"),
+      "CUDA adaptive eviction rounds over pools of candidate items; alive updated in place.");
+  m.def("evict_rows_cuda_workspace_floats", &ddfast::evict_rows_cuda_workspace_floats,
+        py::arg("rows"), py::arg("slots"), py::arg("dim"));
 #endif
 }

@@ -3,8 +3,9 @@
 // insert_adaptive_ref (with evict_adaptive_ref) and prune_adaptive_ref.
 //
 // Unit rows are formed exactly as the reference does in float32 (u = x / max(|x|, eps), the
-// division in float), then every dot product and the running sum of alive unit rows are
-// accumulated in double. Equal rows give bitwise-equal degrees (one fixed summation order), so
+// division in float). The running sum of alive unit rows is kept in double; the degrees read a
+// float copy of it and sum 256-element blocks in float SIMD lanes, the block sums in double.
+// Equal rows give bitwise-equal degrees (one fixed summation order), so
 // duplicates tie exactly and the first index wins, as in the reference.
 #include <algorithm>
 #include <cmath>
@@ -15,20 +16,10 @@
 
 #include "memory_ops.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace ddfast {
 namespace {
-
-// a . b in double with four independent partial sums in a fixed order.
-inline double dot_double(const float* a, const double* b, int64_t d) {
-  double p[4] = {0.0, 0.0, 0.0, 0.0};
-  int64_t j = 0;
-  for (; j + 4 <= d; j += 4) {
-    for (int k = 0; k < 4; ++k) p[k] += static_cast<double>(a[j + k]) * b[j + k];
-  }
-  for (; j < d; ++j) p[0] += static_cast<double>(a[j]) * b[j];
-  return (p[0] + p[1]) + (p[2] + p[3]);
-}
 
 inline double self_dot(const float* a, int64_t d) {
   double p[4] = {0.0, 0.0, 0.0, 0.0};
@@ -65,7 +56,14 @@ void evict_adaptive(const float* units, int64_t k, int64_t d, int64_t target,
       for (int64_t j = 0; j < d; ++j) total[j] += u[j];
     }
   };
+  // The degrees read a float copy of the double running sum, refreshed after every change, so
+  // that they run at float SIMD speed while the sum itself does not drift in float.
+  std::vector<float> total_f(d, 0.0f);
+  auto refresh_float = [&]() {
+    for (int64_t j = 0; j < d; ++j) total_f[j] = static_cast<float>(total[j]);
+  };
   recompute_total();
+  refresh_float();
   // Self-cosine 1 (a nonzero row) rather than 0 (a zero row), for the two-nonzero-items rule.
   std::vector<char> nonzero(k, 0);
   int64_t num_nonzero = 0;  // alive nonzero rows
@@ -76,7 +74,10 @@ void evict_adaptive(const float* units, int64_t k, int64_t d, int64_t target,
   std::vector<double> degree(k, 0.0);
   const bool split = threads > 1 && k * d >= (int64_t{1} << 16);
   for (int64_t step = 0; num_alive > target; ++step) {
-    if (refresh_every > 0 && step > 0 && step % refresh_every == 0) recompute_total();
+    if (refresh_every > 0 && step > 0 && step % refresh_every == 0) {
+      recompute_total();
+      refresh_float();
+    }
     int64_t victim = -1;
     if (num_nonzero == 2) {
       // Both nonzero degrees are 1 + cos(m_1, m_2) in exact arithmetic and every zero row's is
@@ -87,7 +88,7 @@ void evict_adaptive(const float* units, int64_t k, int64_t d, int64_t target,
     } else {
       auto degrees = [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          if (alive[i]) degree[i] = dot_double(units + i * d, total.data(), d);
+          if (alive[i]) degree[i] = simd::dot(units + i * d, total_f.data(), d);
         }
       };
       if (split) {
@@ -110,6 +111,7 @@ void evict_adaptive(const float* units, int64_t k, int64_t d, int64_t target,
     if (nonzero[victim]) --num_nonzero;
     const float* gone = units + victim * d;
     for (int64_t j = 0; j < d; ++j) total[j] -= gone[j];
+    refresh_float();
   }
 }
 

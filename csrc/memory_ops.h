@@ -18,8 +18,9 @@ struct MatrixParams {
 
 // Similarity degree of every item of a memory (method.md section 3):
 //   s_i = sum_j cos(m_i, m_j) = m_hat_i . (sum_j m_hat_j),  m_hat = m / max(|m|, eps).
-// out has `rows` entries. Accumulation is in double so the result does not depend on the
-// number of threads.
+// out has `rows` entries. Dot products sum 256-element blocks in float SIMD lanes and the blocks
+// in double, the sum of unit rows is kept in double; the order is fixed, so the result does not
+// depend on the number of threads.
 void similarity_degree_cpu(const MatrixParams& items, float eps, float* out, int num_threads);
 
 // Inputs of the per-class extreme cosine (method.md section 2). x is (batch, dim) fp32 with
@@ -45,8 +46,8 @@ struct ClassExtremesParams {
 };
 
 // For every class c, the min (max when largest) over (samples i with label c) x (slots j <
-// counts[c]) of cos(x_i, items[c, j]) = x_i . m / (max(|x_i|, eps) * max(|m|, eps)), accumulated
-// in double and rounded to float, and the pair attaining it: the first in row-major (sample, slot)
+// counts[c]) of cos(x_i, items[c, j]) = x_i . m / (max(|x_i|, eps) * max(|m|, eps)), summed
+// in float over 256-element blocks and in double across blocks, rounded to float, and the pair attaining it: the first in row-major (sample, slot)
 // order on ties. Classes without any pair get +inf (-inf when largest) and index -1. Each output
 // has num_classes entries. Threaded over samples; the result does not depend on num_threads.
 void class_extremes_cpu(const ClassExtremesParams& params, float* values, int64_t* arg_sample,
@@ -88,11 +89,42 @@ void insert_memory_cpu(const InsertMemoryParams& params, int num_threads);
 int64_t prune_adaptive_cpu(const MatrixParams& x, int64_t capacity, int64_t refresh_every,
                            float eps, int64_t* kept, int num_threads);
 
+// Pools of candidate items for adaptive eviction on the GPU: buf is (rows, slots, dim) fp32 with
+// contiguous columns; alive (rows, slots) int8, 1 for a live slot, updated in place; excess
+// (rows,) int64, the evictions each row needs (at most its live slots).
+struct EvictParams {
+  const float* buf;
+  int64_t rows;
+  int64_t slots;
+  int64_t dim;
+  int64_t row_stride;
+  int64_t slot_stride;
+  int8_t* alive;
+  const int64_t* excess;
+};
+
 #ifdef DDFAST_WITH_CUDA
-// Same computation on the GPU, enqueued on `stream` (a cudaStream_t passed as an integer).
-// `workspace` must hold rows + cols floats of device memory.
+// Every function below is enqueued on `stream` (a cudaStream_t passed as an integer) and never
+// waits for the device; all pointers are device memory.
+
+// Same computation as similarity_degree_cpu. `workspace` must hold rows + cols floats.
 void similarity_degree_cuda(const MatrixParams& items, float eps, float* out, float* workspace,
                             std::uintptr_t stream);
+
+// Same result as class_extremes_cpu, computed in float32 (ties between equal items stay exact:
+// every cosine is reduced in one fixed order). `workspace` must hold
+// class_extremes_cuda_workspace_bytes(batch, num_classes, slots) bytes, 8-byte aligned.
+void class_extremes_cuda(const ClassExtremesParams& params, float* values, int64_t* arg_sample,
+                         int64_t* arg_slot, float* workspace, std::uintptr_t stream);
+int64_t class_extremes_cuda_workspace_bytes(int64_t batch, int64_t num_classes, int64_t slots);
+
+// Runs `steps` rounds of adaptive eviction (ddfast.ref.evict_adaptive_ref) over every row; a row
+// evicts in round t only while t < excess[row]. The running sum of alive unit rows is recomputed
+// exactly every `refresh_every` rounds (0: never). `workspace` must hold
+// evict_rows_cuda_workspace_floats(rows, slots, dim) floats.
+void evict_rows_cuda(const EvictParams& params, int64_t steps, int64_t refresh_every, float eps,
+                     float* workspace, std::uintptr_t stream);
+int64_t evict_rows_cuda_workspace_floats(int64_t rows, int64_t slots, int64_t dim);
 #endif
 
 }  // namespace ddfast

@@ -7,6 +7,7 @@
 
 #include "memory_ops.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace ddfast {
 
@@ -21,8 +22,7 @@ void similarity_degree_cpu(const MatrixParams& items, float eps, float* out, int
   parallel_for(k, num_threads, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* row = items.data + i * items.row_stride;
-      double sq = 0.0;
-      for (int64_t j = 0; j < d; ++j) sq += static_cast<double>(row[j]) * row[j];
+      const double sq = simd::dot(row, row, d);
       inv_norm[i] = 1.0 / std::max(std::sqrt(sq), static_cast<double>(eps));
     }
   });
@@ -35,11 +35,12 @@ void similarity_degree_cpu(const MatrixParams& items, float eps, float* out, int
       for (int64_t j = begin; j < end; ++j) unit_sum[j] += row[j] * s;
     }
   });
+  // The degrees read a float copy of the sum, so they run at float SIMD speed.
+  std::vector<float> unit_sum_f(unit_sum.begin(), unit_sum.end());
   parallel_for(k, num_threads, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* row = items.data + i * items.row_stride;
-      double dot = 0.0;
-      for (int64_t j = 0; j < d; ++j) dot += row[j] * unit_sum[j];
+      const double dot = simd::dot(row, unit_sum_f.data(), d);
       out[i] = static_cast<float>(dot * inv_norm[i]);
     }
   });

@@ -2,32 +2,16 @@
 #include <cuda_runtime.h>
 
 #include <stdexcept>
-#include <string>
 
+#include "cuda_common.cuh"
 #include "memory_ops.h"
 
 namespace ddfast {
 namespace {
 
-constexpr int kThreads = 256;
-
-// Block-wide sum; every thread gets the result.
-__device__ float block_sum(float v, float* shared) {
-  for (int offset = warpSize / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffff, v, offset);
-  const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  const int warps = blockDim.x / warpSize;
-  v = threadIdx.x < warps ? shared[threadIdx.x] : 0.0f;
-  if (warp == 0) {
-    for (int offset = warpSize / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffff, v, offset);
-    if (lane == 0) shared[0] = v;
-  }
-  __syncthreads();
-  v = shared[0];
-  __syncthreads();
-  return v;
-}
+using cuda::block_sum;
+using cuda::check;
+using cuda::kThreads;
 
 // One block per row: inv_norm[i] = 1 / max(|m_i|, eps).
 __global__ void inv_norm_kernel(const float* items, int64_t d, int64_t stride, float eps,
@@ -59,10 +43,6 @@ __global__ void degree_kernel(const float* items, int64_t d, int64_t stride, con
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) dot += row[j] * unit_sum[j];
   dot = block_sum(dot, shared);
   if (threadIdx.x == 0) out[blockIdx.x] = dot * inv_norm[blockIdx.x];
-}
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 }  // namespace

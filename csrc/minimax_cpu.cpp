@@ -10,31 +10,12 @@
 
 #include "memory_ops.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace ddfast {
 namespace {
 
-// Dot product of a and b and squared norm of b in one pass, in double with four independent
-// partial sums (a fixed order, so equal rows give bitwise-equal results).
-inline void dot_and_norm(const float* a, const float* b, int64_t d, double* dot, double* sq) {
-  double p[4] = {0.0, 0.0, 0.0, 0.0};
-  double q[4] = {0.0, 0.0, 0.0, 0.0};
-  int64_t j = 0;
-  for (; j + 4 <= d; j += 4) {
-    for (int k = 0; k < 4; ++k) {
-      const double bv = b[j + k];
-      p[k] += static_cast<double>(a[j + k]) * bv;
-      q[k] += bv * bv;
-    }
-  }
-  for (; j < d; ++j) {
-    const double bv = b[j];
-    p[0] += static_cast<double>(a[j]) * bv;
-    q[0] += bv * bv;
-  }
-  *dot = (p[0] + p[1]) + (p[2] + p[3]);
-  *sq = (q[0] + q[1]) + (q[2] + q[3]);
-}
+using simd::dot_and_norm;
 
 inline double squared_norm(const float* a, int64_t d) {
   double dot = 0.0, sq = 0.0;

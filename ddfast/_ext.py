@@ -44,6 +44,22 @@ def _require():
     return mod
 
 
+def _require_cuda(mod) -> None:
+    if not mod.has_cuda:
+        raise RuntimeError(
+            "ddfast was built without CUDA kernels: reinstall on a machine with nvcc "
+            "(DDFAST_CUDA=ON pip install .) or pass CPU tensors"
+        )
+
+
+def _threads() -> int:
+    return int(os.environ.get("DDFAST_NUM_THREADS", torch.get_num_threads()))
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def _check_items(items: torch.Tensor) -> None:
     if items.dim() != 2:
         raise ValueError(f"items must be a (K, D) matrix, got shape {tuple(items.shape)}")
@@ -67,22 +83,16 @@ def similarity_degree(items: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
     if rows == 0:
         return out
     if items.device.type == "cpu":
-        threads = int(os.environ.get("DDFAST_NUM_THREADS", torch.get_num_threads()))
         mod.similarity_degree_cpu(
-            items.data_ptr(), rows, cols, items.stride(0), eps, out.data_ptr(), threads
+            items.data_ptr(), rows, cols, items.stride(0), eps, out.data_ptr(), _threads()
         )
         return out
     if items.device.type == "cuda":
-        if not mod.has_cuda:
-            raise RuntimeError(
-                "ddfast was built without CUDA kernels: reinstall on a machine with nvcc "
-                "(DDFAST_CUDA=ON pip install .) or pass a CPU tensor"
-            )
+        _require_cuda(mod)
         workspace = torch.empty(rows + cols, dtype=torch.float32, device=items.device)
-        stream = torch.cuda.current_stream(items.device).cuda_stream
         mod.similarity_degree_cuda(
             items.data_ptr(), rows, cols, items.stride(0), eps, out.data_ptr(),
-            workspace.data_ptr(), stream,
+            workspace.data_ptr(), _stream(items.device),
         )
         return out
     raise ValueError(f"similarity_degree: unsupported device {items.device}")
@@ -94,9 +104,11 @@ def class_extremes(x: torch.Tensor, labels: torch.Tensor, items: torch.Tensor,
 
     x (B, D) float32/bfloat16/float16 (upcast to float32 here); labels (B,) int64 in [0, C);
     items (C, N, D) (float32; other dtypes are converted); counts (C,) int64, class c holding
-    items[c, :counts[c]]; all on the CPU. Returns values (C,) float32, arg_sample (C,) and
-    arg_slot (C,) int64: the min (max when ``largest``) cosine over (samples of c) x (slots of
-    c), and the first pair in row-major order attaining it; +-inf and -1 where c has no pair.
+    items[c, :counts[c]]; all on the CPU, or all on one GPU (the CUDA build; nothing waits for
+    the device there, and labels outside [0, C) are simply never matched). Returns values (C,)
+    float32, arg_sample (C,) and arg_slot (C,) int64: the min (max when ``largest``) cosine over
+    (samples of c) x (slots of c), and the first pair in row-major order attaining it; +-inf and
+    -1 where c has no pair.
     """
     mod = _require()
     if x.dim() != 2 or items.dim() != 3 or items.shape[2] != x.shape[1]:
@@ -107,9 +119,13 @@ def class_extremes(x: torch.Tensor, labels: torch.Tensor, items: torch.Tensor,
                          f"{tuple(labels.shape)} and {tuple(counts.shape)}")
     if not x.is_floating_point() or x.dtype == torch.float64:
         raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    tensors = (x, labels, items, counts)
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ValueError("class_extremes: every input must be on the CPU")
+    device = x.device
+    if any(t.device != device for t in (labels, items, counts)) or device.type not in ("cpu",
+                                                                                       "cuda"):
+        raise ValueError("class_extremes: every input must be on the same device, the CPU or a "
+                         "CUDA GPU")
+    if device.type == "cuda":
+        _require_cuda(mod)
     x = x.to(torch.float32)
     if x.stride(1) != 1 or x.stride(0) < x.shape[1]:  # e.g. an expanded view
         x = x.contiguous()
@@ -118,21 +134,22 @@ def class_extremes(x: torch.Tensor, labels: torch.Tensor, items: torch.Tensor,
         items = items.contiguous()
     labels, counts = labels.to(torch.int64), counts.to(torch.int64)
     num_classes, slots = items.shape[0], items.shape[1]
-    values = torch.empty(num_classes, dtype=torch.float32)  # (C,)
-    arg_sample = torch.empty(num_classes, dtype=torch.int64)  # (C,)
-    arg_slot = torch.empty(num_classes, dtype=torch.int64)  # (C,)
-    threads = int(os.environ.get("DDFAST_NUM_THREADS", torch.get_num_threads()))
-    mod.class_extremes_cpu(
-        x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), labels.data_ptr(), labels.stride(0),
-        items.data_ptr(), num_classes, slots, items.stride(0), items.stride(1),
-        counts.data_ptr(), counts.stride(0), eps, bool(largest), values.data_ptr(),
-        arg_sample.data_ptr(), arg_slot.data_ptr(), threads,
-    )
+    values = torch.empty(num_classes, dtype=torch.float32, device=device)  # (C,)
+    arg_sample = torch.empty(num_classes, dtype=torch.int64, device=device)  # (C,)
+    arg_slot = torch.empty(num_classes, dtype=torch.int64, device=device)  # (C,)
+    args = (x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), labels.data_ptr(),
+            labels.stride(0), items.data_ptr(), num_classes, slots, items.stride(0),
+            items.stride(1), counts.data_ptr(), counts.stride(0), eps, bool(largest),
+            values.data_ptr(), arg_sample.data_ptr(), arg_slot.data_ptr())
+    if device.type == "cpu":
+        mod.class_extremes_cpu(*args, _threads())
+        return values, arg_sample, arg_slot
+    nbytes = mod.class_extremes_cuda_workspace_bytes(x.shape[0], num_classes, slots)
+    workspace = torch.empty(nbytes // 4 + 2, dtype=torch.float32, device=device)  # 8-B aligned
+    mod.class_extremes_cuda(*args, workspace.data_ptr(), _stream(device))
     return values, arg_sample, arg_slot
 
 
-def _threads() -> int:
-    return int(os.environ.get("DDFAST_NUM_THREADS", torch.get_num_threads()))
 
 
 def insert_memory(items: torch.Tensor, counts: torch.Tensor, new_items: torch.Tensor,
@@ -194,3 +211,41 @@ def prune_adaptive(x: torch.Tensor, capacity: int, refresh_every: int = 64,
     if num != kept.shape[0]:
         raise RuntimeError(f"prune_adaptive_cpu kept {num} rows, expected {kept.shape[0]}")
     return kept
+
+
+def _evict_rows_cuda(buf: torch.Tensor, alive: torch.Tensor, excess: torch.Tensor, steps: int,
+                     refresh_every: int, eps: float) -> None:
+    """Adaptive eviction rounds on the GPU over pools buf (R, K, D) float32 contiguous; alive
+    (R, K) int8 updated in place; excess (R,) int64 evictions per row; ``steps`` >= max(excess)
+    rounds are enqueued without waiting for the device."""
+    mod = _require()
+    _require_cuda(mod)
+    rows, slots, dim = buf.shape
+    floats = mod.evict_rows_cuda_workspace_floats(rows, slots, dim)
+    workspace = torch.empty(max(floats, 1), dtype=torch.float32, device=buf.device)
+    mod.evict_rows_cuda(buf.data_ptr(), rows, slots, dim, buf.stride(0), buf.stride(1),
+                        alive.data_ptr(), excess.data_ptr(), int(steps), int(refresh_every), eps,
+                        workspace.data_ptr(), _stream(buf.device))
+
+
+def insert_memory_cuda(items: torch.Tensor, counts: torch.Tensor, new_items: torch.Tensor,
+                       labels: torch.Tensor, adaptive: bool, eps: float = _EPS) -> None:
+    """``insert_memory`` on one GPU: the reference's gathers lay out and compact the pools (no
+    host sync), and the CUDA kernels run the adaptive evictions. fifo has no eviction loop, so it
+    is the reference's gathers alone."""
+    from ddfast.ref import insert_with
+
+    # A class evicts at most its own batch count, so B rounds suffice.
+    steps = new_items.shape[0]
+    insert_with(lambda buf, alive, excess: _evict_rows_cuda(buf, alive, excess, steps, 0, eps),
+                items, counts, new_items, labels, adaptive)
+
+
+def prune_adaptive_cuda(x: torch.Tensor, capacity: int, refresh_every: int = 64,
+                        eps: float = _EPS) -> torch.Tensor:
+    """``prune_adaptive`` on one GPU: indices of the kept rows of x (K, D), ascending."""
+    from ddfast.ref import prune_with
+
+    steps = x.shape[0] - capacity
+    return prune_with(lambda buf, alive, excess: _evict_rows_cuda(buf, alive, excess, steps,
+                                                                  refresh_every, eps), x, capacity)

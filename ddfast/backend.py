@@ -22,11 +22,11 @@ __all__ = ["BACKENDS", "ENV_VAR", "OPS", "choose"]
 
 ENV_VAR = "DDFAST_BACKEND"
 BACKENDS = ("ref", "cpp", "triton", "cuda")
-# The backends each operation has besides "ref".
+# The backends each operation has.
 OPS: dict[str, tuple[str, ...]] = {
-    "class_extremes": ("ref", "cpp", "triton"),
-    "insert_memory": ("ref", "cpp", "triton"),
-    "prune_adaptive": ("ref", "cpp", "triton"),
+    "class_extremes": ("ref", "cpp", "triton", "cuda"),
+    "insert_memory": ("ref", "cpp", "triton", "cuda"),
+    "prune_adaptive": ("ref", "cpp", "triton", "cuda"),
     "similarity_degree": ("ref", "cpp", "triton", "cuda"),
 }
 

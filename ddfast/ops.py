@@ -48,7 +48,7 @@ def class_extremes(x: Tensor, labels: Tensor, items: Tensor, counts: Tensor,
     backend = choose("class_extremes", x.device)
     if x.dtype == torch.float64:  # the fast paths compute in float32; keep float64 exact
         backend = "ref"
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):
         return _ext.class_extremes(x, labels, items, counts, largest, COS_EPS)
     if backend == "triton":
         from ddfast.kernels.minimax import class_extremes as triton_class_extremes
@@ -119,6 +119,8 @@ def insert_memory(items: Tensor, counts: Tensor, new_items: Tensor, labels: Tens
         from ddfast.kernels.memory_insert import insert_memory as triton_insert_memory
 
         triton_insert_memory(items, counts, new_items, labels, adaptive, COS_EPS)
+    elif backend == "cuda":
+        _ext.insert_memory_cuda(items, counts, new_items, labels, adaptive, COS_EPS)
     elif adaptive:
         insert_adaptive_ref(items, counts, new_items, labels)
     else:
@@ -145,6 +147,8 @@ def prune_adaptive(x: Tensor, capacity: int) -> Tensor:
         from ddfast.kernels.memory_insert import prune_adaptive as triton_prune_adaptive
 
         return triton_prune_adaptive(x, capacity, REFRESH_EVERY, COS_EPS)
+    if backend == "cuda":
+        return _ext.prune_adaptive_cuda(x, capacity, REFRESH_EVERY, COS_EPS)
     return prune_adaptive_ref(x, capacity).clone()
 
 

@@ -185,6 +185,55 @@ def check_insert_args(items: Tensor, counts: Tensor, new_items: Tensor, labels: 
         raise ValueError(f"labels must be ({new_items.shape[0]},), got {tuple(labels.shape)}")
 
 
+def eviction_pools(items: Tensor, counts: Tensor, new_items: Tensor, labels: Tensor):
+    """The pools an adaptive insertion evicts from, laid out for a fused kernel (no host sync).
+
+    Returns rows (R,) their classes, buf (R, N + B, D) float32 contiguous (memory items, then the
+    batch items, in logical order), alive (R, N + B) int8 (1 for a valid slot) and excess (R,)
+    int64, the evictions each row needs; ``_store_rows(items, counts, rows, buf, alive.bool())``
+    writes the survivors back.
+    """
+    rows, buf, valid = _merge_batch(items, counts, new_items.to(items.dtype), labels.long())
+    excess = (valid.sum(1) - items.shape[1]).clamp_min(0).contiguous()  # (R,)
+    return rows, buf.to(torch.float32).contiguous(), valid.to(torch.int8).contiguous(), excess
+
+
+def kept_slots(alive: Tensor, capacity: int) -> Tensor:
+    """Indices of the alive slots of one pool (K,), ascending, the first ``capacity`` of them:
+    a stable sort puts alive slots first in order, so nothing waits for the device."""
+    order = torch.argsort((alive == 0).to(torch.int32), stable=True)  # (K,)
+    return order[:capacity].clone()
+
+
+def insert_with(evict, items: Tensor, counts: Tensor, new_items: Tensor, labels: Tensor,
+                adaptive: bool) -> None:
+    """An insertion whose adaptive evictions run in ``evict(buf, alive, excess)`` (a fused
+    kernel that clears ``alive`` in place; see ``eviction_pools``); fifo has no eviction loop and
+    runs ``insert_fifo_ref``. Same arguments and result as ``insert_adaptive_ref``."""
+    check_insert_args(items, counts, new_items, labels)
+    if new_items.shape[0] == 0:
+        return
+    if not adaptive:
+        insert_fifo_ref(items, counts, new_items, labels)
+        return
+    rows, buf, alive, excess = eviction_pools(items, counts, new_items, labels)
+    evict(buf, alive, excess)
+    _store_rows(items, counts, rows, buf, alive.bool())
+
+
+def prune_with(evict, x: Tensor, capacity: int) -> Tensor:
+    """A pruning whose evictions run in ``evict(buf, alive, excess)`` on the one pool
+    buf (1, K, D); same result as ``prune_adaptive_ref``."""
+    num = x.shape[0]
+    if num <= capacity:
+        return torch.arange(num, device=x.device)
+    buf = x.to(torch.float32).contiguous().unsqueeze(0)  # (1, K, D)
+    alive = torch.ones(1, num, dtype=torch.int8, device=x.device)  # (1, K)
+    excess = torch.full((1,), num - capacity, dtype=torch.int64, device=x.device)  # (1,)
+    evict(buf, alive, excess)
+    return kept_slots(alive[0], capacity)
+
+
 def insert_fifo_ref(items: Tensor, counts: Tensor, new_items: Tensor, labels: Tensor) -> None:
     """Append a batch to its classes' memories in batch order, then drop the oldest to fit.
 

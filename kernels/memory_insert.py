@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ddfast.ref import _merge_batch, _store_rows, check_insert_args, insert_fifo_ref
+from ddfast.ref import insert_with, prune_with
 
 _EPS = 1e-8
 
@@ -152,32 +152,13 @@ def insert_memory(items: torch.Tensor, counts: torch.Tensor, new_items: torch.Te
     labels (B,) int64 in [0, C). Same result as ``ddfast.ref.insert_adaptive_ref`` (adaptive)
     or ``insert_fifo_ref``. No host synchronisation.
     """
-    check_insert_args(items, counts, new_items, labels)
-    if new_items.shape[0] == 0:
-        return
-    if not adaptive:
-        insert_fifo_ref(items, counts, new_items, labels)
-        return
-    labels = labels.to(torch.int64)
-    rows, buf, valid = _merge_batch(items, counts, new_items.to(items.dtype), labels)
-    buf = buf.to(torch.float32).contiguous()  # (R, N + B, D)
-    alive = valid.to(torch.int8).contiguous()  # (R, N + B)
-    excess = (valid.sum(1) - items.shape[1]).clamp_min(0).to(torch.int32)  # (R,)
-    _evict(buf, alive, excess, 0, eps, block_k, block_d)
-    _store_rows(items, counts, rows, buf, alive.bool())
+    insert_with(lambda buf, alive, excess: _evict(buf, alive, excess, 0, eps, block_k, block_d),
+                items, counts, new_items, labels, adaptive)
 
 
 def prune_adaptive(x: torch.Tensor, capacity: int, refresh_every: int = 64, eps: float = _EPS,
                    block_k: int = 16, block_d: int = 128) -> torch.Tensor:
     """Indices of the rows adaptive pruning keeps from x (K, D): (min(K, capacity),) int64,
     ascending. See ``ddfast.ref.prune_adaptive_ref``. No host synchronisation."""
-    num = x.shape[0]
-    if num <= capacity:
-        return torch.arange(num, device=x.device)
-    buf = x.to(torch.float32).contiguous().unsqueeze(0)  # (1, K, D)
-    alive = torch.ones(1, num, dtype=torch.int8, device=x.device)  # (1, K)
-    excess = torch.full((1,), num - capacity, dtype=torch.int32, device=x.device)  # (1,)
-    _evict(buf, alive, excess, refresh_every, eps, block_k, block_d)
-    # Alive slots first, in order (a stable sort), then the first `capacity` of them.
-    order = torch.argsort((alive[0] == 0).to(torch.int32), stable=True)  # (K,)
-    return order[:capacity].clone()
+    return prune_with(lambda buf, alive, excess: _evict(buf, alive, excess, refresh_every, eps,
+                                                         block_k, block_d), x, capacity)

@@ -302,13 +302,15 @@ def test_fallback_warns_once(monkeypatch):
 
 
 def test_cuda_default_order(monkeypatch):
-    """triton, then cuda (for ops that have it), then ref with one warning; no GPU is touched."""
+    """triton, then cuda, then ref with one warning; no GPU is touched."""
     monkeypatch.delenv("DDFAST_BACKEND", raising=False)
     monkeypatch.setattr(backend, "_warned", set())
     monkeypatch.setattr(backend, "find_spec", lambda name: object())
     assert backend.choose("class_extremes", "cuda") == "triton"
     monkeypatch.setattr(backend, "find_spec", lambda name: None)
     monkeypatch.setattr(backend._ext, "has_cuda", lambda: True)
-    assert backend.choose("similarity_degree", "cuda") == "cuda"
+    for op_name in backend.OPS:
+        assert backend.choose(op_name, "cuda") == "cuda"
+    monkeypatch.setattr(backend._ext, "has_cuda", lambda: False)
     with pytest.warns(RuntimeWarning, match="falls back"):
         assert backend.choose("class_extremes", "cuda") == "ref"

@@ -1,0 +1,80 @@
+"""Turn a pytest-benchmark JSON into the README's table: median time, GB/s, the share of the
+device's measured copy bandwidth, and the speed-up over the reference measured in the same run.
+
+    pytest bench --benchmark-only --benchmark-json=bench-ops.json
+    python bench/summarize.py bench-ops.json > bench-ops.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def provider_of(name: str) -> str:
+    """test_class_extremes_ref_compiled[B8...] -> "ref_compiled"; ..._cpp[...] -> "cpp"."""
+    base = name.split("[", 1)[0]
+    for provider in ("ref_compiled", "ref", "cpp", "triton", "cuda"):
+        if base.endswith("_" + provider):
+            return provider
+    return base
+
+
+def rows(report: dict) -> list[dict]:
+    machine = report.get("machine_info", {})
+    out = []
+    for bench in report["benchmarks"]:
+        provider = provider_of(bench["name"])
+        params = bench.get("param") or ""
+        seconds = bench["stats"]["median"]
+        nbytes = bench.get("extra_info", {}).get("bytes")
+        device = bench.get("extra_info", {}).get("device")
+        on_gpu = device == "cuda" if device else provider in ("triton", "cuda")
+        copy = machine.get("gpu_copy_gbps" if on_gpu else "cpu_copy_gbps")
+        gbps = nbytes / seconds / 1e9 if nbytes else None
+        out.append({"group": bench.get("group") or "", "shape": params, "provider": provider,
+                    "ms": seconds * 1e3, "gbps": gbps,
+                    "copy_share": gbps / copy if gbps and copy else None})
+    for row in out:
+        ref = next((r for r in out if r["group"] == row["group"] and r["shape"] == row["shape"]
+                    and r["provider"] == "ref"), None)
+        row["speedup"] = ref["ms"] / row["ms"] if ref else None
+    return out
+
+
+def markdown(report: dict) -> str:
+    machine = report.get("machine_info", {})
+    device = machine.get("gpu") or machine.get("cpu", "CPU")
+    lines = [f"Device: {device}; torch {machine.get('torch')}; triton {machine.get('triton')}; "
+             f"copy bandwidth GPU {machine.get('gpu_copy_gbps')} GB/s, "
+             f"CPU {machine.get('cpu_copy_gbps')} GB/s.", "",
+             "| operation | shape | provider | median ms | GB/s | share of copy | vs ref |",
+             "|---|---|---|---:|---:|---:|---:|"]
+
+    def fmt(value, spec):
+        return "" if value is None else format(value, spec)
+
+    for row in sorted(rows(report), key=lambda r: (r["group"], r["shape"], r["provider"])):
+        lines.append(f"| {row['group']} | {row['shape']} | {row['provider']} | "
+                     f"{row['ms']:.3f} | {fmt(row['gbps'], '.1f')} | "
+                     f"{fmt(row['copy_share'], '.0%')} | {fmt(row['speedup'], '.1f')}x |"
+                     .replace("| x |", "|  |"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", help="the file written by pytest --benchmark-json")
+    args = parser.parse_args(argv)
+    with open(args.json) as f:
+        report = json.load(f)
+    if not report.get("benchmarks"):
+        print(f"{args.json} holds no benchmarks", file=sys.stderr)
+        return 1
+    sys.stdout.write(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
