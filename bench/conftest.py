@@ -49,6 +49,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["gpu"] = torch.cuda.get_device_name()
         machine_info["cuda"] = torch.version.cuda
         machine_info["gpu_copy_gbps"] = round(copy_bandwidth("cuda"), 1)
+        from ddfast.perf import matmul_tflops
+
+        machine_info["gpu_bf16_tflops"] = round(matmul_tflops("cuda"), 1)
 
 
 @pytest.fixture(params=[pytest.param(s, id=f"K{s[0]}xD{s[1]}") for s in MEMORY_SHAPES])

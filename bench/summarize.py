@@ -15,7 +15,7 @@ import sys
 def provider_of(name: str) -> str:
     """test_class_extremes_ref_compiled[B8...] -> "ref_compiled"; ..._cpp[...] -> "cpp"."""
     base = name.split("[", 1)[0]
-    for provider in ("ref_compiled", "ref", "cpp", "triton", "cuda"):
+    for provider in ("ref_compiled", "ref", "cpp", "triton", "cuda", "ddfast"):
         if base.endswith("_" + provider):
             return provider
     return base
@@ -33,13 +33,21 @@ def rows(report: dict) -> list[dict]:
         on_gpu = device == "cuda" if device else provider in ("triton", "cuda")
         copy = machine.get("gpu_copy_gbps" if on_gpu else "cpu_copy_gbps")
         gbps = nbytes / seconds / 1e9 if nbytes else None
+        info = bench.get("extra_info", {})
+        images, gflop = info.get("images"), info.get("gflop")
+        peak = machine.get("gpu_bf16_tflops")
         out.append({"group": bench.get("group") or "", "shape": params, "provider": provider,
                     "ms": seconds * 1e3, "gbps": gbps,
-                    "copy_share": gbps / copy if gbps and copy else None})
+                    "copy_share": gbps / copy if gbps and copy else None,
+                    "images_per_s": images / seconds if images else None,
+                    "floor_share": gflop / 1e3 / seconds / peak if gflop and peak else None})
     for row in out:
         ref = next((r for r in out if r["group"] == row["group"] and r["shape"] == row["shape"]
                     and r["provider"] == "ref"), None)
-        row["speedup"] = ref["ms"] / row["ms"] if ref else None
+        if ref and row["images_per_s"] and ref["images_per_s"]:  # per image, as batches differ
+            row["speedup"] = row["images_per_s"] / ref["images_per_s"]
+        else:
+            row["speedup"] = ref["ms"] / row["ms"] if ref else None
     return out
 
 
@@ -48,9 +56,11 @@ def markdown(report: dict) -> str:
     device = machine.get("gpu") or machine.get("cpu", "CPU")
     lines = [f"Device: {device}; torch {machine.get('torch')}; triton {machine.get('triton')}; "
              f"copy bandwidth GPU {machine.get('gpu_copy_gbps')} GB/s, "
-             f"CPU {machine.get('cpu_copy_gbps')} GB/s.", "",
-             "| operation | shape | provider | median ms | GB/s | share of copy | vs ref |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             f"CPU {machine.get('cpu_copy_gbps')} GB/s; bf16 matmul "
+             f"{machine.get('gpu_bf16_tflops')} TFLOP/s.", "",
+             "| operation | shape | provider | median ms | GB/s | share of copy | images/s | "
+             "share of FLOP floor | vs ref |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
 
     def fmt(value, spec):
         return "" if value is None else format(value, spec)
@@ -58,7 +68,8 @@ def markdown(report: dict) -> str:
     for row in sorted(rows(report), key=lambda r: (r["group"], r["shape"], r["provider"])):
         lines.append(f"| {row['group']} | {row['shape']} | {row['provider']} | "
                      f"{row['ms']:.3f} | {fmt(row['gbps'], '.1f')} | "
-                     f"{fmt(row['copy_share'], '.0%')} | {fmt(row['speedup'], '.1f')}x |"
+                     f"{fmt(row['copy_share'], '.0%')} | {fmt(row['images_per_s'], '.1f')} | "
+                     f"{fmt(row['floor_share'], '.0%')} | {fmt(row['speedup'], '.1f')}x |"
                      .replace("| x |", "|  |"))
     return "\n".join(lines) + "\n"
 

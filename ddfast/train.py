@@ -43,9 +43,10 @@ from ddfast.models import (
     set_trainable,
     vae_factor,
 )
+from ddfast.perf import attention_backends
 from ddfast.progress import bars_enabled, log
 from ddfast.sample import class_specs, write_class_grids, write_distilled
-from ddfast.trainer import StageSpec, steps_per_epoch, train_stage
+from ddfast.trainer import StageSpec, model_autocast, steps_per_epoch, train_stage
 
 
 @dataclass
@@ -208,7 +209,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
                              ckpt_every=cfg.run.ckpt_every, seed=cfg.run.seed)
             ema = train_stage(dit, latents, diffusion, cond_table, null, spec,
                               ckpt_path=out / "ckpt" / "pretrain.safetensors",
-                              metrics_path=metrics, precision=precision, progress=progress)
+                              metrics_path=metrics, precision=precision, progress=progress,
+                              compile=cfg.run.compile)
             ema.copy_to()
             save_pipeline(base_dir, dit.cpu(), vae)
         timings["pretrain"] = time.perf_counter() - t
@@ -238,13 +240,21 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
             ema = train_stage(model, latents, diffusion, cond_table, null, spec,
                               ckpt_path=out / "ckpt" / "finetune.safetensors",
                               metrics_path=metrics, bank=bank, precision=precision,
-                              progress=progress)
+                              progress=progress, compile=cfg.run.compile)
             ema.copy_to()
             if cfg.optim.trainable == "difffit":
                 model = fold_difffit(model)
             save_pipeline(model_dir, model.cpu(), decode_vae)
             model = model.to(device)
         timings["finetune"] = time.perf_counter() - t
+
+    # The attention kernel the DiT actually runs (flash, cuDNN, ... or the math fallback).
+    probe = torch.zeros(2, *latents.latent_shape, device=device)  # (2, c, h, w)
+    probe_t = torch.zeros(2, dtype=torch.long, device=device)  # (2,)
+    with model_autocast(device, precision):
+        attention = attention_backends(lambda: model(probe, timestep=probe_t,
+                                                     class_labels=probe_t, return_dict=False))
+    log(f"[sample] attention kernels: {', '.join(attention) or 'none found'}")
 
     # Stage 3: the distilled set (the largest IPC; smaller ones are its first files).
     t = time.perf_counter()
@@ -254,7 +264,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     distilled = out / "distilled"
     if decode_vae is not None:
         decode_vae = decode_vae.to(device).eval()
-    write_distilled(distilled, model, decode_vae, diffusion, classes, ipc,
+    write_distilled(distilled, torch.compile(model) if cfg.run.compile else model, decode_vae,
+                    diffusion, classes, ipc,
                     latent_shape=latents.latent_shape, null_label=null, scale=scale,
                     steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
                     guidance_channels=s.guidance_channels, seed=s.seed, batch_size=s.batch_size,
@@ -290,6 +301,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         "evaluation": str(out / "eval" / "results.md") if table else None,
         "metrics": str(metrics),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "attention": attention,
     }
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", report_text(cfg, summary, table))

@@ -13,6 +13,7 @@ import ddfast.trainer as trainer_mod
 from ddfast.config import resolve
 from ddfast.errors import OutputError
 from ddfast.models import build_dit, build_vae, load_dit, save_pipeline
+from ddfast.perf import SDPA_KERNELS
 from ddfast.train import main, run
 
 
@@ -58,6 +59,7 @@ def test_smoke_run_writes_every_output(finished):
     report = (out / "report.md").read_text()
     assert "| ours | 2 |" in report and "grids/0.png" in report
     assert summary["evaluation"] and summary["timings_s"]["eval"] > 0
+    assert summary["attention"] and set(summary["attention"]) <= set(SDPA_KERNELS.values())
     assert not list(out.rglob("*.tmp"))
 
 

@@ -1,0 +1,65 @@
+"""What actually runs on the hardware: the attention kernel PyTorch picks, and matmul speed.
+
+``attention_backends`` profiles one call and reads the scaled-dot-product-attention kernels that
+ran, so a run can report (and a benchmark can assert) that flash or cuDNN attention was selected
+rather than the math fallback. ``matmul_tflops`` measures the device's dense matmul rate, the
+floor the speed benchmarks compare against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["SDPA_KERNELS", "attention_backends", "matmul_tflops"]
+
+# aten op name -> backend name, for every SDPA kernel PyTorch dispatches to.
+SDPA_KERNELS = {
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash-cpu",
+    "aten::_scaled_dot_product_efficient_attention": "efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_attention_math": "math",
+    "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable",
+}
+
+
+def attention_backends(fn: Callable[[], object]) -> list[str]:
+    """The SDPA backends that ``fn()`` ran, sorted (empty if it ran no attention).
+
+    One call of fn under ``torch.profiler``; on a GPU the device is synchronised around it.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof, torch.no_grad():
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return sorted({SDPA_KERNELS[e.name] for e in prof.events() if e.name in SDPA_KERNELS})
+
+
+def matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                  size: int = 8192, repeats: int = 10) -> float:
+    """Dense (size x size) @ (size x size) rate of the device in TFLOP/s, best of ``repeats``."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            began = time.perf_counter()
+            a @ b
+            seconds = time.perf_counter() - began
+        best = min(best, seconds)
+    return 2 * size**3 / best / 1e12
