@@ -109,7 +109,7 @@ class RunConfig:
     log_every: int = 50  # steps between log lines
     ckpt_every: int = 500  # steps between checkpoints
     progress: str = "auto"  # auto (bars on a terminal) | on | off
-    compile: bool = False  # torch.compile the DiT forward in training and sampling
+    compile: bool = False  # torch.compile the training loss and the sampling forward
 
 
 @dataclass(frozen=True)

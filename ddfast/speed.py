@@ -2,10 +2,10 @@
 path that does what the published code does, on the same model and data.
 
 ddfast's fine-tuning step: latents encoded once and cached on the device, bf16 autocast with the
-similarity maths in float32, memories as preallocated tensors behind the fused ops, fused AdamW,
-a foreach EMA of the trainable parameters, the DiT forward optionally compiled, nothing waiting
-for the device. Its sampler: every image of a batch in one guided forward, bf16, compiled, one
-batched decode.
+similarity maths in float32, memories as preallocated tensors behind the fused ops, fused AdamW, a
+foreach EMA of the trainable parameters, the loss (DiT, diffusion and memory terms) optionally
+compiled, nothing waiting for the device. Its sampler: every image of a batch in one guided
+forward, bf16, compiled, one batched decode.
 
 The reference step: float32 eager (TF32 matmuls allowed, as the published code runs on Ampere and
 later), the VAE encoder run on every batch, the memories as Python lists visited class by class
@@ -30,7 +30,7 @@ from ddfast.diffusion import Diffusion, image_seed, sample
 from ddfast.memory import MemoryBank
 from ddfast.models import EMA, build_dit, build_vae, set_trainable
 from ddfast.ref import MinimaxTerms
-from ddfast.trainer import train_step
+from ddfast.trainer import objective, train_step
 
 __all__ = ["SIZES", "Workload", "build_workload", "reference_memory_terms", "ListMemory"]
 
@@ -192,15 +192,16 @@ def ddfast_finetune_step(w: Workload, batch: int, capacity: int = 64, compile: b
     dim = int(z0[0].numel())
     bank = MemoryBank(w.num_classes, dim, real_capacity=capacity, gen_capacity=capacity,
                       device=w.device)
-    forward = torch.compile(w.dit) if compile else w.dit
+    loss_fn = torch.compile(objective) if compile else objective
     gen = torch.Generator(device=w.device).manual_seed(0)
     precision = "bf16" if cuda else "fp32"
 
     def step() -> torch.Tensor:
         t = torch.randint(0, w.diffusion.num_steps, (batch,), device=w.device, generator=gen)
         noise = torch.randn(z0.shape, device=w.device, generator=gen)
-        return train_step(forward, opt, ema, w.diffusion, z0, t, noise, labels, labels,
-                          bank=bank, lambda_r=0.002, lambda_g=0.008, precision=precision)
+        return train_step(w.dit, opt, ema, w.diffusion, z0, t, noise, labels, labels,
+                          bank=bank, lambda_r=0.002, lambda_g=0.008, precision=precision,
+                          loss_fn=loss_fn)
 
     return step
 

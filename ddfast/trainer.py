@@ -73,39 +73,53 @@ def model_autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def train_step(forward, opt: torch.optim.Optimizer, ema: EMA, diffusion: Diffusion,
-               z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
-               labels: torch.Tensor, *, bank: MemoryBank | None = None, lambda_r: float = 0.0,
-               lambda_g: float = 0.0, accumulate_bug: bool = False,
-               precision: str = "fp32") -> torch.Tensor:
-    """One optimiser step of the objective; nothing in it waits for the device.
+def objective(model, diffusion: Diffusion, z0: torch.Tensor, t: torch.Tensor,
+              noise: torch.Tensor, y: torch.Tensor, labels: torch.Tensor,
+              bank: MemoryBank | None, lambda_r: float, lambda_g: float, accumulate_bug: bool,
+              precision: str):
+    """The method's loss of one batch (method.md section 2), before any update.
 
-    forward(z_t, timestep=, class_labels=, return_dict=False) is the DiT (or its compiled
-    forward); z0, noise (B, c, h, w) float32; t (B,) timesteps; y (B,) conditioning labels;
-    labels (B,) dataset classes. The model runs under bf16 autocast when ``precision`` is
-    "bf16"; the diffusion and memory terms stay in float32. With a bank the memory terms join
-    the loss before the memories are updated. Returns (5,) detached: loss, mse, vb, rep, div.
+    Returns the scalar loss, the (4,) detached mse, vb, rep, div, and x0_hat (B, D) with its
+    gradient. The model runs under bf16 autocast when ``precision`` is "bf16"; the diffusion and
+    memory terms stay float32. ``torch.compile`` traces all of it, the memory ops included.
     """
     z_t = diffusion.q_sample(z0, t, noise)
     with model_autocast(z0.device, precision):
-        out = forward(z_t, timestep=t, class_labels=y, return_dict=False)[0]
+        out = model(z_t, timestep=t, class_labels=y, return_dict=False)[0]
     terms = diffusion.training_losses(out.float(), z0, z_t, t, noise)
     loss = terms["loss"].mean()
+    x0_flat = terms["x0_hat"].flatten(1)  # (B, D) fp32, carries gradient
     rep = div = torch.zeros((), device=z0.device)
     if bank is not None:
-        x0_flat = terms["x0_hat"].flatten(1)  # (B, D) fp32, carries gradient
         mm = bank.loss(x0_flat, labels, lambda_r=lambda_r, lambda_g=lambda_g,
                        accumulate_bug=accumulate_bug)
         loss = loss + mm.total
         rep, div = mm.rep.sum(), mm.div.sum()
+    logged = torch.stack([terms["mse"].mean(), terms["vb"].mean(), rep, div]).detach()
+    return loss, logged, x0_flat
+
+
+def train_step(model, opt: torch.optim.Optimizer, ema: EMA, diffusion: Diffusion,
+               z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
+               labels: torch.Tensor, *, bank: MemoryBank | None = None, lambda_r: float = 0.0,
+               lambda_g: float = 0.0, accumulate_bug: bool = False, precision: str = "fp32",
+               loss_fn=objective) -> torch.Tensor:
+    """One optimiser step of the objective; nothing in it waits for the device.
+
+    model(z_t, timestep=, class_labels=, return_dict=False) is the DiT; z0, noise (B, c, h, w)
+    float32; t (B,) timesteps; y (B,) conditioning labels; labels (B,) dataset classes.
+    ``loss_fn`` is ``objective`` or its compiled form. With a bank the memory terms join the
+    loss before the memories are updated. Returns (5,) detached: loss, mse, vb, rep, div.
+    """
+    loss, logged, x0_flat = loss_fn(model, diffusion, z0, t, noise, y, labels, bank, lambda_r,
+                                    lambda_g, accumulate_bug, precision)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     ema.update()
     if bank is not None:
         bank.update(z0.flatten(1), x0_flat.detach(), labels)
-    return torch.stack([loss.detach(), terms["mse"].mean().detach(), terms["vb"].mean().detach(),
-                        rep.detach(), div.detach()])
+    return torch.cat([loss.detach().view(1), logged])
 
 
 def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion,
@@ -117,12 +131,12 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
     cond_table: (C,) conditioning label of each dataset class. Returns the EMA of the trainable
     parameters at the end of the stage. The model stays in eval mode: diffusers' DiT would
     otherwise drop labels with its own fixed rate and global RNG, and ddfast drops them itself.
-    ``compile``: run the model's forward (and its backward) through ``torch.compile``; the
-    parameters, checkpoints and results are the same module's.
+    ``compile``: run the loss (the model's forward, the diffusion and memory terms) and its
+    backward through ``torch.compile``; the parameters and checkpoints are the same module's.
     """
     device = latents.labels.device
     model.eval()
-    forward = torch.compile(model) if compile else model
+    loss_fn = torch.compile(objective) if compile else objective
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     fused = device.type == "cuda"
@@ -177,9 +191,10 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
         for group in opt.param_groups:
             group["lr"] = lr
 
-        sums += train_step(forward, opt, ema, diffusion, z0, t, noise, y, labels, bank=bank,
+        sums += train_step(model, opt, ema, diffusion, z0, t, noise, y, labels, bank=bank,
                            lambda_r=spec.lambda_r, lambda_g=spec.lambda_g,
-                           accumulate_bug=spec.accumulate_bug, precision=precision)
+                           accumulate_bug=spec.accumulate_bug, precision=precision,
+                           loss_fn=loss_fn)
         if bank is not None and (step + 1) % per_epoch == 0:
             bank.end_epoch()
         window_steps += 1

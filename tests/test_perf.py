@@ -11,7 +11,7 @@ from ddfast.diffusion import Diffusion
 from ddfast.memory import MemoryBank
 from ddfast.models import EMA
 from ddfast.perf import SDPA_KERNELS, attention_backends
-from ddfast.trainer import train_step
+from ddfast.trainer import objective, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,18 +43,19 @@ def test_attention_backends_name_the_kernel_that_ran():
     assert got == found
 
 
-def _steps(forward, model, bank, batches, diffusion):
+def _steps(loss_fn, model, bank, batches, diffusion):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True)
     ema = EMA(params, decay=0.9)
-    out = [train_step(forward, opt, ema, diffusion, *batch, bank=bank, lambda_r=0.5,
-                      lambda_g=0.25) for batch in batches]
+    out = [train_step(model, opt, ema, diffusion, *batch, bank=bank, lambda_r=0.5,
+                      lambda_g=0.25, loss_fn=loss_fn) for batch in batches]
     return torch.stack(out), ema
 
 
 @pytest.mark.slow
 def test_compiled_step_matches_eager():
-    """Three steps with the memory terms on: losses, parameters, EMA and memories agree."""
+    """Three steps with the loss compiled, memory terms included: losses, parameters, EMA and
+    memories agree with the eager steps."""
     diffusion = Diffusion()
     gen = torch.Generator().manual_seed(0)
     batches = []
@@ -67,8 +68,8 @@ def test_compiled_step_matches_eager():
     compiled_model = copy.deepcopy(eager_model)
     eager_bank = MemoryBank(3, 256, real_capacity=4, gen_capacity=4)
     compiled_bank = MemoryBank(3, 256, real_capacity=4, gen_capacity=4)
-    want, want_ema = _steps(eager_model, eager_model, eager_bank, batches, diffusion)
-    got, got_ema = _steps(torch.compile(compiled_model), compiled_model, compiled_bank, batches,
+    want, want_ema = _steps(objective, eager_model, eager_bank, batches, diffusion)
+    got, got_ema = _steps(torch.compile(objective), compiled_model, compiled_bank, batches,
                           diffusion)
     assert torch.all(want[1:, 3:] > 0)  # rep and div are live once the memories fill
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,7 @@ from ddfast.diffusion import Diffusion
 from ddfast.memory import MemoryBank
 from ddfast.models import EMA, build_dit
 from ddfast.perf import attention_backends
-from ddfast.trainer import model_autocast, train_step
+from ddfast.trainer import model_autocast, objective, train_step
 
 pytestmark = [
     pytest.mark.cuda,
@@ -28,7 +28,7 @@ def _setup(policy):
 @pytest.mark.parametrize("policy", ["adaptive", "fifo"])
 def test_step_never_waits_for_the_device(policy, compiled):
     dit, opt, ema, bank = _setup(policy)
-    forward = torch.compile(dit) if compiled else dit
+    loss_fn = torch.compile(objective) if compiled else objective
     diffusion = Diffusion(device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -39,15 +39,15 @@ def test_step_never_waits_for_the_device(policy, compiled):
                 torch.randn(16, 4, 16, 16, device="cuda", generator=gen), labels, labels)
 
     for _ in range(3):  # warm-up: compilation and the memories filling
-        train_step(forward, opt, ema, diffusion, *batch(), bank=bank, lambda_r=0.5,
-                   lambda_g=0.5, precision="bf16")
+        train_step(dit, opt, ema, diffusion, *batch(), bank=bank, lambda_r=0.5,
+                   lambda_g=0.5, precision="bf16", loss_fn=loss_fn)
     torch.cuda.synchronize()
     sums = torch.zeros(5, device="cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(5):
-            sums += train_step(forward, opt, ema, diffusion, *batch(), bank=bank, lambda_r=0.5,
-                               lambda_g=0.5, precision="bf16")
+            sums += train_step(dit, opt, ema, diffusion, *batch(), bank=bank, lambda_r=0.5,
+                               lambda_g=0.5, precision="bf16", loss_fn=loss_fn)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(sums).all() and sums[3] > 0 and sums[4] > 0
