@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor
 
+from ddfast.distributed import Dist
 from ddfast.errors import ConfigError
 from ddfast.ops import class_extremes, insert_memory, prune_adaptive
 from ddfast.ref import (
@@ -266,7 +267,7 @@ class ClassMemory:
 
 def minimax_terms(x0_hat: Tensor, labels: Tensor, real_items: Tensor, real_counts: Tensor,
                   gen_items: Tensor, gen_counts: Tensor, *, lambda_r: float, lambda_g: float,
-                  accumulate_bug: bool = False) -> MinimaxTerms:
+                  accumulate_bug: bool = False, dist: Dist | None = None) -> MinimaxTerms:
     """Representativeness and diversity terms of a batch against per-class memories.
 
     For each class c in the batch whose generated memory is non-empty (n = distinct classes in
@@ -282,6 +283,10 @@ def minimax_terms(x0_hat: Tensor, labels: Tensor, real_items: Tensor, real_count
     real_items (C, N_R, D); real_counts (C,); gen_items (C, N_G, D); gen_counts (C,).
     Returns MinimaxTerms(total (), rep (C,), div (C,)); total == rep.sum() + div.sum().
     No host synchronisation on accelerators.
+
+    ``dist`` (several processes, each holding its slice of a global batch in rank order): the
+    extremes and n are those of the global batch (``Dist.global_extreme``), so every rank gets
+    the global terms, with gradient only on the rank holding each extreme sample.
     """
     for name, value in (("lambda_r", lambda_r), ("lambda_g", lambda_g)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -308,6 +313,10 @@ def minimax_terms(x0_hat: Tensor, labels: Tensor, real_items: Tensor, real_count
     # is the same computation in plain torch.
     rep_min = class_extremes(x0_hat, labels, real_items, real_counts, False)[0]  # (C,)
     div_max = class_extremes(x0_hat, labels, gen_items, gen_counts, True)[0]  # (C,)
+    if dist is not None and dist.active:
+        rep_min = dist.global_extreme(rep_min, largest=False)
+        div_max = dist.global_extreme(div_max, largest=True)
+        labels = dist.all_gather(labels)  # (R * B,) the global batch's classes
     return combine_minimax_terms(rep_min, div_max, labels, real_counts, gen_counts,
                                  lambda_r=float(lambda_r), lambda_g=float(lambda_g),
                                  accumulate_bug=accumulate_bug)
@@ -332,22 +341,30 @@ class MemoryBank:
         return f"MemoryBank(real={self.real!r}, gen={self.gen!r})"
 
     def loss(self, x0_hat: Tensor, labels: Tensor, *, lambda_r: float = 0.002,
-             lambda_g: float = 0.008, accumulate_bug: bool = False) -> MinimaxTerms:
+             lambda_g: float = 0.008, accumulate_bug: bool = False,
+             dist: Dist | None = None) -> MinimaxTerms:
         """Memory terms of a batch against the memories as they are (call before ``update``).
 
         x0_hat (B, D) or (B, ...) (flattened), with gradient; labels (B,) dataset classes.
-        See ``minimax_terms``. -> MinimaxTerms(total (), rep (C,), div (C,)).
+        See ``minimax_terms`` (and its ``dist``). -> MinimaxTerms(total (), rep (C,), div (C,)).
         """
         flat = _check_latents("x0_hat", x0_hat, self.real.dim)  # (B, D)
         return minimax_terms(flat, labels, self.real.items, self.real.counts, self.gen.items,
                              self.gen.counts, lambda_r=lambda_r, lambda_g=lambda_g,
-                             accumulate_bug=accumulate_bug)
+                             accumulate_bug=accumulate_bug, dist=dist)
 
-    def update(self, real_latents: Tensor, x0_hat: Tensor, labels: Tensor) -> None:
+    def update(self, real_latents: Tensor, x0_hat: Tensor, labels: Tensor,
+               dist: Dist | None = None) -> None:
         """Insert z0 into ``real`` and x0_hat (detached) into ``gen``, after the loss.
 
-        real_latents (B, D) or (B, ...); x0_hat (B, D) or (B, ...); labels (B,).
+        real_latents (B, D) or (B, ...); x0_hat (B, D) or (B, ...); labels (B,). With ``dist``
+        every rank's items are gathered and inserted in rank order, so all ranks hold the
+        memories one process would hold after the global batch.
         """
+        if dist is not None and dist.active:
+            real_latents = dist.all_gather(real_latents.flatten(1))
+            x0_hat = dist.all_gather(x0_hat.flatten(1))
+            labels = dist.all_gather(labels)
         self.real.insert(real_latents, labels)
         self.gen.insert(x0_hat.detach(), labels)
 

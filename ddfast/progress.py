@@ -28,5 +28,14 @@ def bar(iterable: Iterable | None = None, *, enabled: bool, desc: str, unit: str
                 disable=not enabled, dynamic_ncols=True, leave=False)
 
 
+_QUIET = [False]  # set on every process but one under torchrun
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence log lines of this process (the ranks other than 0 of a distributed run)."""
+    _QUIET[0] = bool(quiet)
+
+
 def log(message: str) -> None:
-    print(message, flush=True)
+    if not _QUIET[0]:
+        print(message, flush=True)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ddfast.diffusion import Diffusion, image_seed, sample
+from ddfast.distributed import Dist
 from ddfast.io import to_uint8_image, write_json, write_png
 from ddfast.progress import bar
 
@@ -61,17 +62,22 @@ def write_distilled(out_dir: Path, model, vae, diffusion: Diffusion, classes: li
                     scale: float, steps: int, sampler: str, guidance_scale: float,
                     guidance_channels: str, seed: int, batch_size: int, device: torch.device,
                     precision: str = "fp32", progress: bool = False,
-                    config_digest: str = "") -> dict:
+                    config_digest: str = "", dist: Dist | None = None) -> dict:
     """Sample ``ipc`` images per class into ``out_dir/<class folder>/<index>.png``.
 
-    Returns the manifest (also written as ``out_dir/manifest.json``).
+    Returns the manifest (also written as ``out_dir/manifest.json``). With ``dist`` the batches
+    are dealt to the ranks in turn; a batch holds the same images whatever the number of ranks,
+    so the set is byte-identical on any number of processes. Rank 0 writes the manifest once
+    every rank is done.
     """
+    dist = dist or Dist.single()
     jobs = [(c, i) for c in classes for i in range(ipc)]
     todo = [(c, i) for c, i in jobs if not (out_dir / c.folder / f"{i:05d}.png").is_file()]
+    todo = dist.broadcast_object(todo)  # one list, read before any rank writes
     model.eval()
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-    for start in bar(range(0, len(todo), batch_size), enabled=progress, desc="sample",
-                     unit="batch"):
+    starts = range(0, len(todo), batch_size)[dist.rank::dist.world]
+    for start in bar(starts, enabled=progress and dist.main, desc="sample", unit="batch"):
         chunk = todo[start:start + batch_size]
         labels = torch.tensor([c.cond_label for c, _ in chunk], device=device)
         seeds = [image_seed(seed, c.index, i) for c, i in chunk]
@@ -94,7 +100,9 @@ def write_distilled(out_dir: Path, model, vae, diffusion: Diffusion, classes: li
         "images": [{"file": f"{c.folder}/{i:05d}.png", "class": c.index, "index": i,
                     "seed": image_seed(seed, c.index, i)} for c, i in jobs],
     }
-    write_json(out_dir / "manifest.json", manifest)
+    dist.barrier()
+    if dist.main:
+        write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 

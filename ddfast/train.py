@@ -27,6 +27,7 @@ from ddfast.data import check_same_classes, open_source
 from ddfast.data.cache import build_latents, to_model_range
 from ddfast.data.imagenet import is_imagenet_wnid
 from ddfast.diffusion import Diffusion
+from ddfast.distributed import Dist
 from ddfast.errors import ConfigError, DdfastError, ModelError
 from ddfast.io import prepare_run_dir, to_uint8_image, write_json, write_text
 from ddfast.memory import MemoryBank
@@ -44,7 +45,7 @@ from ddfast.models import (
     vae_factor,
 )
 from ddfast.perf import attention_backends
-from ddfast.progress import bars_enabled, log
+from ddfast.progress import bars_enabled, log, set_quiet
 from ddfast.sample import class_specs, write_class_grids, write_distilled
 from ddfast.trainer import StageSpec, model_autocast, steps_per_epoch, train_stage
 
@@ -157,6 +158,12 @@ def conditioning_labels(cfg: Config, source, pretrained: bool) -> list[int]:
 def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the whole job; returns the summary (also written to <out>/summary.json)."""
     device = pick_device(cfg.run.device)
+    dist = Dist.from_env(device.type)  # one process unless started by torchrun
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    set_quiet(not dist.main)
+    main = dist.main
     precision = cfg.run.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -181,12 +188,21 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     prepare_run_dir(out, config_json=cfg.to_json(), resume=resume, overwrite=overwrite,
                     write=False)
     indices = cap_per_class(source.labels, cfg.data.max_per_class)
-    latents = build_latents(source, vae, indices=indices, cache_dir=cfg.data.cache_dir or None,
-                            device=device, batch_size=cfg.data.encode_batch_size,
-                            progress=progress, hflip=cfg.data.hflip)
-    resumed = prepare_run_dir(out, config_json=cfg.to_json(), resume=resume, overwrite=overwrite)
+    for turn in (True, False):  # rank 0 fills the latent cache first; the others then read it
+        if turn == main:
+            latents = build_latents(source, vae, indices=indices,
+                                    cache_dir=cfg.data.cache_dir or None, device=device,
+                                    batch_size=cfg.data.encode_batch_size,
+                                    progress=progress and main, hflip=cfg.data.hflip)
+        dist.barrier()
+    resumed = None
+    if main:
+        resumed = prepare_run_dir(out, config_json=cfg.to_json(), resume=resume,
+                                  overwrite=overwrite)
+    resumed = dist.broadcast_object(resumed)
     log(f"ddfast: run folder {out} ({'resumed' if resumed else 'new'}), device {device}, "
-        f"{precision}, {len(latents)} training images in {len(source.class_names)} classes")
+        f"{precision}, {len(latents)} training images in {len(source.class_names)} classes"
+        + (f", {dist.world} processes" if dist.active else ""))
     timings["data"] = time.perf_counter() - t0
     diffusion = Diffusion(device=device)
     cond_table = torch.tensor(cond, device=device)
@@ -210,9 +226,11 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
             ema = train_stage(dit, latents, diffusion, cond_table, null, spec,
                               ckpt_path=out / "ckpt" / "pretrain.safetensors",
                               metrics_path=metrics, precision=precision, progress=progress,
-                              compile=cfg.run.compile)
+                              compile=cfg.run.compile, dist=dist)
             ema.copy_to()
-            save_pipeline(base_dir, dit.cpu(), vae)
+            if main:
+                save_pipeline(base_dir, dit.cpu(), vae)
+            dist.barrier()
         timings["pretrain"] = time.perf_counter() - t
     dit = dit.to(device)
 
@@ -240,11 +258,13 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
             ema = train_stage(model, latents, diffusion, cond_table, null, spec,
                               ckpt_path=out / "ckpt" / "finetune.safetensors",
                               metrics_path=metrics, bank=bank, precision=precision,
-                              progress=progress, compile=cfg.run.compile)
+                              progress=progress, compile=cfg.run.compile, dist=dist)
             ema.copy_to()
             if cfg.optim.trainable == "difffit":
                 model = fold_difffit(model)
-            save_pipeline(model_dir, model.cpu(), decode_vae)
+            if main:
+                save_pipeline(model_dir, model.cpu(), decode_vae)
+            dist.barrier()
             model = model.to(device)
         timings["finetune"] = time.perf_counter() - t
 
@@ -270,12 +290,14 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
                     steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
                     guidance_channels=s.guidance_channels, seed=s.seed, batch_size=s.batch_size,
                     device=device, precision=precision, progress=progress,
-                    config_digest=cfg.digest())
+                    config_digest=cfg.digest(), dist=dist)
     real = {}
     for c in classes:
         idx = (source.labels == c.index).nonzero().flatten()[:10]
         real[c.index] = [to_uint8_image(x) for x in to_model_range(source.images(idx))]
-    grids = write_class_grids(out / "grids", distilled, classes, real, min(ipc, 50))
+    grids = []
+    if main:
+        grids = write_class_grids(out / "grids", distilled, classes, real, min(ipc, 50))
     timings["sample"] = time.perf_counter() - t
 
     # Stage 4: train fresh classifiers on the distilled set, test on real data (method.md 5).
@@ -283,7 +305,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     if cfg.eval.enabled:
         t = time.perf_counter()
         table = evaluate_distilled(cfg, distilled, source, test_source, out / "eval", device,
-                                   progress)
+                                   progress, dist)
         timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -303,8 +325,10 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "attention": attention,
     }
-    write_json(out / "summary.json", summary)
-    write_text(out / "report.md", report_text(cfg, summary, table))
+    if main:
+        write_json(out / "summary.json", summary)
+        write_text(out / "report.md", report_text(cfg, summary, table))
+    dist.barrier()
     if table:
         log("\n" + table)
     log(f"ddfast: done in {timings['total']:.1f} s")
@@ -322,9 +346,11 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
 
 
 def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: Path,
-                       device: torch.device, progress: bool) -> str:
+                       device: torch.device, progress: bool, dist: Dist | None = None) -> str:
     """Evaluate the IPC-k subsets of the distilled set; each finished IPC is kept on disk, so a
-    resumed run evaluates only what is missing. Returns the merged markdown table."""
+    resumed run evaluates only what is missing. Returns the merged markdown table. With
+    ``dist`` the runs of each IPC are spread over the ranks and rank 0 writes the results."""
+    dist = dist or Dist.single()
     from ddfast.eval import evaluate, load_folder_set, merge_tables, write_results
 
     test_x = test_source.images(range(len(test_source)))  # (N, C, H, W) uint8
@@ -343,11 +369,17 @@ def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: P
         result = evaluate(x, y, test_x, test_source.labels, networks=cfg.eval.networks,
                           repeats=cfg.eval.repeats, epochs=cfg.eval.epochs,
                           protocol=cfg.eval.protocol, device=device, seed=cfg.run.seed,
-                          batch_size=cfg.eval.batch_size or None, progress=progress)
-        records.append(write_results(out / f"ipc{ipc}", result, method=cfg.objective.method,
-                                     ipc=ipc))
+                          batch_size=cfg.eval.batch_size or None, progress=progress,
+                          dist=dist)
+        if dist.main:
+            records.append(write_results(out / f"ipc{ipc}", result, method=cfg.objective.method,
+                                         ipc=ipc))
+        dist.barrier()
+        if not dist.main:
+            records.append(json.loads(done.read_text()))
     table = merge_tables(records)
-    write_text(out / "results.md", table)
+    if dist.main:
+        write_text(out / "results.md", table)
     return table
 
 
@@ -412,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(preset, parse_cli_overrides(rest))
         run(cfg, resume=resume, overwrite=overwrite)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except DdfastError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

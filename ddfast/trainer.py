@@ -25,6 +25,7 @@ import torch
 from ddfast.checkpoint import load_checkpoint, optimizer_from_tensors, save_checkpoint
 from ddfast.data.cache import LatentSet
 from ddfast.diffusion import Diffusion
+from ddfast.distributed import Dist
 from ddfast.errors import DdfastError
 from ddfast.io import append_jsonl, read_jsonl, write_text
 from ddfast.memory import MemoryBank
@@ -76,56 +77,62 @@ def model_autocast(device: torch.device, precision: str):
 def objective(model, diffusion: Diffusion, z0: torch.Tensor, t: torch.Tensor,
               noise: torch.Tensor, y: torch.Tensor, labels: torch.Tensor,
               bank: MemoryBank | None, lambda_r: float, lambda_g: float, accumulate_bug: bool,
-              precision: str):
+              precision: str, dist: Dist | None = None):
     """The method's loss of one batch (method.md section 2), before any update.
 
-    Returns the scalar loss, the (4,) detached mse, vb, rep, div, and x0_hat (B, D) with its
-    gradient. The model runs under bf16 autocast when ``precision`` is "bf16"; the diffusion and
-    memory terms stay float32. ``torch.compile`` traces all of it, the memory ops included.
+    Returns the scalar loss to differentiate, the (5,) detached diffusion loss, mse, vb, rep,
+    div, and x0_hat (B, D) with its gradient. The model runs under bf16 autocast when
+    ``precision`` is "bf16"; the diffusion and memory terms stay float32. With ``dist`` the
+    memory terms are the global batch's and count ``dist.world`` times, since DDP averages the
+    gradients over ranks. ``torch.compile`` traces all of it, the memory ops included.
     """
     z_t = diffusion.q_sample(z0, t, noise)
     with model_autocast(z0.device, precision):
         out = model(z_t, timestep=t, class_labels=y, return_dict=False)[0]
     terms = diffusion.training_losses(out.float(), z0, z_t, t, noise)
-    loss = terms["loss"].mean()
+    loss = diffusion_loss = terms["loss"].mean()
     x0_flat = terms["x0_hat"].flatten(1)  # (B, D) fp32, carries gradient
     rep = div = torch.zeros((), device=z0.device)
     if bank is not None:
         mm = bank.loss(x0_flat, labels, lambda_r=lambda_r, lambda_g=lambda_g,
-                       accumulate_bug=accumulate_bug)
-        loss = loss + mm.total
+                       accumulate_bug=accumulate_bug, dist=dist)
+        loss = loss + mm.total * (dist.world if dist is not None else 1)
         rep, div = mm.rep.sum(), mm.div.sum()
-    logged = torch.stack([terms["mse"].mean(), terms["vb"].mean(), rep, div]).detach()
-    return loss, logged, x0_flat
+    logged = torch.stack([diffusion_loss, terms["mse"].mean(), terms["vb"].mean(), rep, div])
+    return loss, logged.detach(), x0_flat
 
 
 def train_step(model, opt: torch.optim.Optimizer, ema: EMA, diffusion: Diffusion,
                z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
                labels: torch.Tensor, *, bank: MemoryBank | None = None, lambda_r: float = 0.0,
                lambda_g: float = 0.0, accumulate_bug: bool = False, precision: str = "fp32",
-               loss_fn=objective) -> torch.Tensor:
+               loss_fn=objective, dist: Dist | None = None) -> torch.Tensor:
     """One optimiser step of the objective; nothing in it waits for the device.
 
-    model(z_t, timestep=, class_labels=, return_dict=False) is the DiT; z0, noise (B, c, h, w)
-    float32; t (B,) timesteps; y (B,) conditioning labels; labels (B,) dataset classes.
-    ``loss_fn`` is ``objective`` or its compiled form. With a bank the memory terms join the
-    loss before the memories are updated. Returns (5,) detached: loss, mse, vb, rep, div.
+    model(z_t, timestep=, class_labels=, return_dict=False) is the DiT (DDP-wrapped under
+    ``dist``); z0, noise (B, c, h, w) float32; t (B,) timesteps; y (B,) conditioning labels;
+    labels (B,) dataset classes: this rank's slice of the global batch. ``loss_fn`` is
+    ``objective`` or its compiled form. With a bank the memory terms join the loss before the
+    memories are updated. Returns (5,) detached, the global batch's: loss, mse, vb, rep, div.
     """
     loss, logged, x0_flat = loss_fn(model, diffusion, z0, t, noise, y, labels, bank, lambda_r,
-                                    lambda_g, accumulate_bug, precision)
+                                    lambda_g, accumulate_bug, precision, dist)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     ema.update()
     if bank is not None:
-        bank.update(z0.flatten(1), x0_flat.detach(), labels)
-    return torch.cat([loss.detach().view(1), logged])
+        bank.update(z0.flatten(1), x0_flat.detach(), labels, dist=dist)
+    if dist is not None:
+        logged = torch.cat([dist.mean(logged[:3]), logged[3:]])  # rep, div are global already
+    return torch.cat([(logged[0] + logged[3] + logged[4]).view(1), logged[1:]])
 
 
 def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion,
                 cond_table: torch.Tensor, null_label: int, spec: StageSpec, *,
                 ckpt_path: Path, metrics_path: Path, bank: MemoryBank | None = None,
-                precision: str = "fp32", progress: bool = False, compile: bool = False) -> EMA:
+                precision: str = "fp32", progress: bool = False, compile: bool = False,
+                dist: Dist | None = None) -> EMA:
     """Train ``model`` in place for ``spec.steps`` steps (resuming from ``ckpt_path``).
 
     cond_table: (C,) conditioning label of each dataset class. Returns the EMA of the trainable
@@ -133,10 +140,24 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
     otherwise drop labels with its own fixed rate and global RNG, and ddfast drops them itself.
     ``compile``: run the loss (the model's forward, the diffusion and memory terms) and its
     backward through ``torch.compile``; the parameters and checkpoints are the same module's.
+
+    ``dist`` (torchrun): ``spec.batch_size`` is the global batch. Every rank draws the global
+    batch and its randomness from the same generator and trains on its slice, under DDP, with
+    the memory terms and memories of the global batch; rank 0 alone writes the checkpoints (the
+    memories once) and the metrics. So a run, and its resume, give the same results (to float
+    rounding) on any number of processes.
     """
     device = latents.labels.device
+    dist = dist or Dist.single()
+    shard = dist.shard(spec.batch_size)
     model.eval()
     loss_fn = torch.compile(objective) if compile else objective
+    forward = model
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     fused = device.type == "cuda"
@@ -158,23 +179,29 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
         if bank is not None:
             bank.load_state_dict(ck["memory"])
         start = ck["step"]
-        # Log lines written after this checkpoint, before the kill, will be written again.
-        kept = [r for r in read_jsonl(metrics_path)
-                if r.get("stage") != spec.name or r.get("step", 0) <= start]
-        write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        if start < spec.steps:
-            log(f"[{spec.name}] resuming at step {start}/{spec.steps}")
+        if dist.main:
+            # Log lines written after this checkpoint, before the kill, will be written again.
+            kept = [r for r in read_jsonl(metrics_path)
+                    if r.get("stage") != spec.name or r.get("step", 0) <= start]
+            write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            if start < spec.steps:
+                log(f"[{spec.name}] resuming at step {start}/{spec.steps}")
 
     def checkpoint(step: int) -> None:
+        if not dist.main:
+            dist.barrier()  # rank 0 is writing it
+            return
         save_checkpoint(ckpt_path, step=step, params={n: p for n, p in named},
                         ema=ema.state_dict(), optimizer=opt, generator=gen,
                         memory=bank.state_dict() if bank is not None else None,
                         extra={"stage": spec.name, "steps": spec.steps})
+        dist.barrier()
 
     sums = torch.zeros(5, device=device)  # loss, mse, vb, rep, div over the log window
     window_start, window_steps = time.perf_counter(), 0
     order, order_epoch = None, -1
-    pbar = bar(total=spec.steps, initial=start, enabled=progress, desc=spec.name, unit="step")
+    pbar = bar(total=spec.steps, initial=start, enabled=progress and dist.main, desc=spec.name,
+               unit="step")
     for step in range(start, spec.steps):
         epoch, pos = divmod(step, per_epoch)
         if epoch != order_epoch:
@@ -191,10 +218,11 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
         for group in opt.param_groups:
             group["lr"] = lr
 
-        sums += train_step(model, opt, ema, diffusion, z0, t, noise, y, labels, bank=bank,
-                           lambda_r=spec.lambda_r, lambda_g=spec.lambda_g,
-                           accumulate_bug=spec.accumulate_bug, precision=precision,
-                           loss_fn=loss_fn)
+        # The global batch and its draws on every rank; this rank trains on its slice.
+        sums += train_step(forward, opt, ema, diffusion, z0[shard], t[shard], noise[shard],
+                           y[shard], labels[shard], bank=bank, lambda_r=spec.lambda_r,
+                           lambda_g=spec.lambda_g, accumulate_bug=spec.accumulate_bug,
+                           precision=precision, loss_fn=loss_fn, dist=dist)
         if bank is not None and (step + 1) % per_epoch == 0:
             bank.end_epoch()
         window_steps += 1
@@ -214,10 +242,11 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
             if bank is not None:
                 record["memory_cos_real"] = _nanmean(bank.real.mean_pairwise_cosine())
                 record["memory_cos_gen"] = _nanmean(bank.gen.mean_pairwise_cosine())
-            append_jsonl(metrics_path, record)
-            log(f"[{spec.name}] step {done}/{spec.steps} loss {values[0]:.4f} "
-                f"(mse {values[1]:.4f} vb {values[2]:.4f} rep {values[3]:.5f} "
-                f"div {values[4]:.5f}) {record['images_per_s']:.0f} img/s")
+            if dist.main:
+                append_jsonl(metrics_path, record)
+                log(f"[{spec.name}] step {done}/{spec.steps} loss {values[0]:.4f} "
+                    f"(mse {values[1]:.4f} vb {values[2]:.4f} rep {values[3]:.5f} "
+                    f"div {values[4]:.5f}) {record['images_per_s']:.0f} img/s")
             sums.zero_()
             window_start, window_steps = time.perf_counter(), 0
         if done % spec.ckpt_every == 0 and done < spec.steps:

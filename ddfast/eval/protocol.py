@@ -371,7 +371,7 @@ def _prepare(train_x, test_x, proto: Protocol, device, flip: bool | None = None)
 
 def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs: int,
              protocol: str, device, seed: int, batch_size: int | None = None,
-             progress: bool = False, flip: bool | None = None) -> dict:
+             progress: bool = False, flip: bool | None = None, dist=None) -> dict:
     """Train every network ``repeats`` times on (train_x, train_y); test on (test_x, test_y).
 
     train_x: (N, C, H, W) uint8 or float [0, 1]; train_y: (N,) int; test likewise. ``epochs``
@@ -379,7 +379,8 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
     smallest class count of the train set); ``batch_size`` None takes the protocol's; ``flip``
     None flips RGB sets only. Every (network, repeat) gets its own seed derived from ``seed``.
     Returns a JSON-ready dict: per network ``best_mean/best_std/last_mean/last_std`` (percent,
-    population std) and every run's curve.
+    population std) and every run's curve. ``dist`` (a ``ddfast.distributed.Dist``) deals the
+    (network, repeat) runs to the ranks in turn and gathers them: every rank returns the result.
     """
     proto = get_protocol(protocol)
     networks = (networks,) if isinstance(networks, str) else tuple(networks)
@@ -412,12 +413,17 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
            "num_test": int(test.shape[0]), "num_classes": num_classes, "resolution": size,
            "std": "population (ddof=0, as IDC)", "accuracy": "percent", "augment": proto.augment,
            "flip": flip, "networks": {}}
+    jobs = [(k, r) for k in range(len(networks)) for r in range(repeats)]
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    mine = {job: _train_one(train, train_y, test, test_y, network=networks[job[0]],
+                            num_classes=num_classes, epochs=epochs, augment=augment, device=dev,
+                            seed=_seed_for(seed, *job), batch_size=batch_size,
+                            progress=progress and rank == 0, proto=proto)
+            for job in jobs[rank::world]}
+    done = {job: run for part in (dist.gather_objects(mine) if world > 1 else [mine])
+            for job, run in part.items()}
     for k, net in enumerate(networks):
-        runs = [_train_one(train, train_y, test, test_y, network=net, num_classes=num_classes,
-                           epochs=epochs, augment=augment, device=dev,
-                           seed=_seed_for(seed, k, r), batch_size=batch_size, progress=progress,
-                           proto=proto)
-                for r in range(repeats)]
+        runs = [done[k, r] for r in range(repeats)]
         best_mean, best_std = mean_std(r["best"] for r in runs)
         last_mean, last_std = mean_std(r["last"] for r in runs)
         out["networks"][net] = {"best_mean": best_mean, "best_std": best_std,

@@ -1,0 +1,182 @@
+"""Several processes (gloo, 2 and 3) against one process holding the whole batch: the same loss
+terms, memories and parameters; the same distilled set; a 2-process checkpoint resumed on 1."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+from ddfast.data.cache import LatentSet
+from ddfast.diffusion import Diffusion
+from ddfast.distributed import Dist
+from ddfast.memory import MemoryBank
+from ddfast.models import EMA, build_dit
+from ddfast.sample import class_specs, write_distilled
+from ddfast.trainer import StageSpec, train_stage, train_step
+
+pytestmark = pytest.mark.slow
+
+NUM_CLASSES, BATCH, STEPS = 3, 6, 4
+
+
+def tiny_dit(channels=4):
+    torch.manual_seed(0)
+    dit = build_dit("micro", in_channels=channels, sample_size=8, num_classes=NUM_CLASSES)
+    with torch.no_grad():  # the output layers start at zero; perturb them to test gradients
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return dit
+
+
+def batches():
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(STEPS):
+        labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen)
+        out.append((torch.randn(BATCH, 4, 8, 8, generator=gen),
+                    torch.randint(0, 1000, (BATCH,), generator=gen),
+                    torch.randn(BATCH, 4, 8, 8, generator=gen), labels, labels))
+    return out
+
+
+def run_steps(dist, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True)
+    ema = EMA(params, decay=0.9)
+    bank = MemoryBank(NUM_CLASSES, 256, real_capacity=4, gen_capacity=3)
+    forward = model
+    if dist.active:
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+    shard = dist.shard(BATCH)
+    logged = [train_step(forward, opt, ema, Diffusion(), *(x[shard] for x in batch), bank=bank,
+                         lambda_r=0.5, lambda_g=0.25, dist=dist) for batch in batches()]
+    return {"logged": torch.stack(logged), "params": [p.detach().clone() for p in params],
+            "ema": [s.clone() for s in ema.shadow], "memory": bank.state_dict()}
+
+
+def _init(rank, world, store):
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                  world_size=world)
+    return Dist(rank, world, rank)
+
+
+def _steps_worker(rank, world, store, out):
+    dist = _init(rank, world, store)
+    torch.save(run_steps(dist, tiny_dit()), Path(out) / f"rank{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+def spawn(fn, world, tmp_path, *args):
+    mp.start_processes(fn, args=(world, str(tmp_path / "store"), *args), nprocs=world,
+                       start_method="spawn")
+
+
+@pytest.fixture(scope="module")
+def single():
+    torch.set_num_threads(1)
+    return run_steps(Dist.single(), tiny_dit())
+
+
+def close(a, b, atol):
+    torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_steps_equal_one_process_with_the_whole_batch(single, tmp_path, world):
+    spawn(_steps_worker, world, tmp_path, str(tmp_path))
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert torch.all(single["logged"][1:, 3:] > 0)  # rep and div are live after step 1
+    for got in results:
+        close(got["logged"], single["logged"], 1e-5)
+        # Adam divides by sqrt(v): near-zero gradients turn rounding into a fraction of lr.
+        for a, b in zip(got["params"], single["params"], strict=True):
+            close(a, b, 2e-4)
+        for a, b in zip(got["ema"], single["ema"], strict=True):
+            close(a, b, 2e-4)
+        for key, value in single["memory"].items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                close(got["memory"][key], value, 1e-4)
+            else:
+                assert got["memory"][key] == value if not isinstance(value, torch.Tensor) \
+                    else torch.equal(got["memory"][key], value), key
+    for other in results[1:]:  # every rank holds the same memories, bit for bit
+        for key, value in results[0]["memory"].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(other["memory"][key], value), key
+
+
+def _sample_worker(rank, world, store, out):
+    dist = _init(rank, world, store)
+    distill(Path(out), dist)
+    torch_dist.destroy_process_group()
+
+
+def distill(out, dist):
+    classes = class_specs(["a", "b", "c"], [0, 1, 2])
+    write_distilled(out, tiny_dit(channels=1).eval(), None, Diffusion(), classes, 3,
+                    latent_shape=(1, 8, 8), null_label=NUM_CLASSES, scale=1.0, steps=4,
+                    sampler="ddpm", guidance_scale=2.0, guidance_channels="first3", seed=7,
+                    batch_size=2, device=torch.device("cpu"), dist=dist)
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_distilled_set_is_identical_on_two_processes(tmp_path):
+    torch.set_num_threads(1)
+    distill(tmp_path / "one", Dist.single())
+    spawn(_sample_worker, 2, tmp_path, str(tmp_path / "two"))
+    one, two = tree(tmp_path / "one"), tree(tmp_path / "two")
+    assert len(one) == 10 and one == two  # 9 images and the manifest
+
+
+def stage_inputs():
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (24, 1, 8, 8), generator=gen, dtype=torch.uint8)
+    latents = LatentSet(torch.arange(24) % NUM_CLASSES, images=images)
+    return latents, MemoryBank(NUM_CLASSES, 64, real_capacity=4, gen_capacity=4)
+
+
+def spec(steps):
+    return StageSpec("finetune", steps, BATCH, 1e-3, 0.0, 0, 0.9, 0.1, 0.5, 0.25, log_every=3,
+                     ckpt_every=3, seed=3)
+
+
+def stage(folder, steps, dist):
+    latents, bank = stage_inputs()
+    model = tiny_dit(channels=1)
+    ema = train_stage(model, latents, Diffusion(), torch.arange(NUM_CLASSES), NUM_CLASSES,
+                      spec(steps), ckpt_path=folder / "ckpt.safetensors",
+                      metrics_path=folder / "metrics.jsonl", bank=bank, dist=dist)
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(ema.shadow), bank
+
+
+def _stage_worker(rank, world, store, folder, steps):
+    dist = _init(rank, world, store)
+    stage(Path(folder), steps, dist)
+    torch_dist.destroy_process_group()
+
+
+def test_two_process_checkpoint_resumes_on_one(tmp_path):
+    torch.set_num_threads(1)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir()
+    resumed.mkdir()
+    want_params, want_ema, want_bank = stage(whole, 6, Dist.single())
+    spawn(_stage_worker, 2, tmp_path, str(resumed), 3)  # 3 steps on 2 processes, checkpointed
+    got_params, got_ema, got_bank = stage(resumed, 6, Dist.single())  # 3 more on one
+    for a, b in zip(got_params, want_params, strict=True):
+        close(a, b, 2e-4)
+    for a, b in zip(got_ema, want_ema, strict=True):
+        close(a, b, 2e-4)
+    assert torch.equal(got_bank.real.counts, want_bank.real.counts)
+    close(got_bank.real.items, want_bank.real.items, 0.0)  # real items are data: exact
+    close(got_bank.gen.items, want_bank.gen.items, 1e-4)
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # steps 3 (written by rank 0 alone) and 6
