@@ -2,6 +2,7 @@
 terms, memories and parameters; the same distilled set; a 2-process checkpoint resumed on 1."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,68 @@ def test_two_process_checkpoint_resumes_on_one(tmp_path):
     close(got_bank.gen.items, want_bank.gen.items, 1e-4)
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # steps 3 (written by rank 0 alone) and 6
+
+
+def _eval_worker(rank, world, store, out):
+    dist = _init(rank, world, store)
+    result = evaluate_case(dist)
+    if rank == 1:
+        (Path(out) / "eval.json").write_text(json.dumps(result))
+    torch_dist.destroy_process_group()
+
+
+def evaluate_case(dist):
+    from ddfast.eval import evaluate
+
+    gen = torch.Generator().manual_seed(4)
+    train_x = torch.randint(0, 256, (12, 1, 8, 8), generator=gen, dtype=torch.uint8)
+    test_x = torch.randint(0, 256, (20, 1, 8, 8), generator=gen, dtype=torch.uint8)
+    result = evaluate(train_x, torch.arange(12) % 3, test_x, torch.arange(20) % 3,
+                      networks=["convnet3"], repeats=3, epochs=2, protocol="dc", device="cpu",
+                      seed=5, dist=dist)
+    result.pop("seconds")
+    return result
+
+
+def test_evaluation_runs_spread_over_ranks_give_the_same_result(tmp_path):
+    torch.set_num_threads(1)
+    want = evaluate_case(Dist.single())
+    spawn(_eval_worker, 2, tmp_path, str(tmp_path))
+    got = json.loads((tmp_path / "eval.json").read_text())
+    assert got == json.loads(json.dumps(want))  # rank 1 holds the gathered result too
+    assert len(got["networks"]["convnet3"]["runs"]) == 3
+
+
+def test_torchrun_job_matches_one_process(tmp_path):
+    """The whole job under torchrun on 2 processes: one set of outputs, the same losses and
+    (to a rounding flip of one grey level) the same distilled images as one process."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "ddfast.train", "--preset", "smoke", "--run.progress", "off", "--out"]
+    subprocess.run([sys.executable, *args, str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True, timeout=600)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", *args, str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("ddfast: done") == 1  # rank 0 alone speaks
+    lines = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text()
+                    .splitlines()] for name in ("one", "two")}
+    assert len(lines["one"]) == len(lines["two"]) > 0
+    for a, b in zip(lines["one"], lines["two"], strict=True):
+        for key in ("loss", "mse", "vb", "rep", "div"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    images = sorted((tmp_path / "one" / "distilled").rglob("*.png"))
+    assert len(images) == 20
+    for path in images:
+        other = tmp_path / "two" / path.relative_to(tmp_path / "one")
+        diff = np.abs(np.asarray(Image.open(path), np.int16)
+                      - np.asarray(Image.open(other), np.int16))
+        assert diff.max() <= 1, path
+    assert not list((tmp_path / "two").rglob("*.tmp"))
