@@ -116,6 +116,11 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 RESUME_MAY_CHANGE = set(NON_RESULT_KEYS)
 
 
+def _is_tmp(path: Path) -> bool:
+    """A file ``_atomic`` was writing (``.<name>.<random>.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
 def prepare_run_dir(out: Path, *, config_json: str, resume: bool, overwrite: bool,
                     write: bool = True) -> bool:
     """Create or reopen a run folder. Returns True when an earlier run's state is reused.
@@ -128,6 +133,10 @@ def prepare_run_dir(out: Path, *, config_json: str, resume: bool, overwrite: boo
     cfg_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder; choose another --out")
+    if out.is_dir() and write:
+        # Half-written files of a killed run: never visible under a final name, now removed.
+        for stale in out.rglob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     if cfg_path.is_file() and not overwrite:
         if not resume:
             raise OutputError(
@@ -141,7 +150,7 @@ def prepare_run_dir(out: Path, *, config_json: str, resume: bool, overwrite: boo
                 f"cannot resume {out}: its configuration differs in {', '.join(changed)}; "
                 f"resume with the same settings, or pass --overwrite to start over")
         return True
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(not _is_tmp(p) for p in out.iterdir()):
         if not cfg_path.is_file():
             raise OutputError(f"{out} is not empty and holds no ddfast run; choose another --out")
         if write:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +48,13 @@ from ddfast.models import (
 from ddfast.perf import attention_backends
 from ddfast.progress import bars_enabled, log, set_quiet
 from ddfast.sample import class_specs, write_class_grids, write_distilled
-from ddfast.trainer import StageSpec, model_autocast, steps_per_epoch, train_stage
+from ddfast.trainer import (
+    StageSpec,
+    StopRequested,
+    model_autocast,
+    steps_per_epoch,
+    train_stage,
+)
 
 
 @dataclass
@@ -441,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rest.append(a)
         i += 1
+    def terminate(signum, frame):  # outside training (which stops at a step's end)
+        raise StopRequested(f"stopped by {signal.Signals(signum).name}", signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         cfg = resolve(preset, parse_cli_overrides(rest))
         run(cfg, resume=resume, overwrite=overwrite)
@@ -449,9 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     except DdfastError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StopRequested as exc:
+        print(f"{exc}: rerun the same command with --resume to continue", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -16,6 +16,8 @@ import contextlib
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,36 @@ from ddfast.progress import bar, log
 
 class NonFiniteLossError(DdfastError, FloatingPointError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: training finished its step and saved a checkpoint first."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+@contextlib.contextmanager
+def deferred_stop():
+    """While training, SIGINT and SIGTERM only raise a flag (``flag["signal"]``); the loop
+    finishes its step, saves a checkpoint and raises StopRequested, so a stop never leaves a
+    half-updated model. The previous handlers come back on exit. Outside the main thread
+    (where handlers cannot be set) it is a plain flag that nothing raises."""
+    flag: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame) -> None:
+        flag["signal"] = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @dataclass(frozen=True)
@@ -202,56 +234,68 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
     order, order_epoch = None, -1
     pbar = bar(total=spec.steps, initial=start, enabled=progress and dist.main, desc=spec.name,
                unit="step")
-    for step in range(start, spec.steps):
-        epoch, pos = divmod(step, per_epoch)
-        if epoch != order_epoch:
-            order = epoch_order(len(latents), spec.seed, spec.name, epoch).to(device)
-            order_epoch = epoch
-        idx = order[pos * spec.batch_size:(pos + 1) * spec.batch_size]  # (B,)
-        labels = latents.labels[idx]  # (B,) dataset classes
-        z0 = latents.draw(idx, gen)  # (B, c, h, w)
-        t = torch.randint(0, diffusion.num_steps, (idx.shape[0],), device=device, generator=gen)
-        noise = torch.randn(z0.shape, device=device, generator=gen)
-        drop = torch.rand(idx.shape[0], device=device, generator=gen) < spec.label_dropout
-        y = torch.where(drop, torch.full_like(labels, null_label), cond_table[labels])  # (B,)
-        lr = spec.lr * min(1.0, (step + 1) / spec.warmup) if spec.warmup > 0 else spec.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
+    guard = contextlib.ExitStack()
+    stop = guard.enter_context(deferred_stop())
+    guard.callback(pbar.close)
+    with guard:
+        for step in range(start, spec.steps):
+            epoch, pos = divmod(step, per_epoch)
+            if epoch != order_epoch:
+                order = epoch_order(len(latents), spec.seed, spec.name, epoch).to(device)
+                order_epoch = epoch
+            idx = order[pos * spec.batch_size:(pos + 1) * spec.batch_size]  # (B,)
+            labels = latents.labels[idx]  # (B,) dataset classes
+            z0 = latents.draw(idx, gen)  # (B, c, h, w)
+            t = torch.randint(0, diffusion.num_steps, (idx.shape[0],), device=device,
+                              generator=gen)
+            noise = torch.randn(z0.shape, device=device, generator=gen)
+            drop = torch.rand(idx.shape[0], device=device, generator=gen) < spec.label_dropout
+            y = torch.where(drop, torch.full_like(labels, null_label),
+                            cond_table[labels])  # (B,)
+            lr = spec.lr * min(1.0, (step + 1) / spec.warmup) if spec.warmup > 0 else spec.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
 
-        # The global batch and its draws on every rank; this rank trains on its slice.
-        sums += train_step(forward, opt, ema, diffusion, z0[shard], t[shard], noise[shard],
-                           y[shard], labels[shard], bank=bank, lambda_r=spec.lambda_r,
-                           lambda_g=spec.lambda_g, accumulate_bug=spec.accumulate_bug,
-                           precision=precision, loss_fn=loss_fn, dist=dist)
-        if bank is not None and (step + 1) % per_epoch == 0:
-            bank.end_epoch()
-        window_steps += 1
-        pbar.update(1)
-        done = step + 1
-        if done % spec.log_every == 0 or done == spec.steps:
-            values = (sums / window_steps).tolist()  # the one host sync per log window
-            if not all(math.isfinite(v) for v in values):
-                raise NonFiniteLossError(
-                    f"[{spec.name}] the loss became {values[0]} at step {done}; the last good "
-                    f"checkpoint {ckpt_path} is kept. Lower the learning rate (--optim.lr or "
-                    f"--pretrain.lr) or check the data, then resume")
-            elapsed = time.perf_counter() - window_start
-            record = {"stage": spec.name, "step": done, "epoch": epoch, "lr": lr,
-                      "loss": values[0], "mse": values[1], "vb": values[2], "rep": values[3],
-                      "div": values[4], "images_per_s": window_steps * spec.batch_size / elapsed}
-            if bank is not None:
-                record["memory_cos_real"] = _nanmean(bank.real.mean_pairwise_cosine())
-                record["memory_cos_gen"] = _nanmean(bank.gen.mean_pairwise_cosine())
-            if dist.main:
-                append_jsonl(metrics_path, record)
-                log(f"[{spec.name}] step {done}/{spec.steps} loss {values[0]:.4f} "
-                    f"(mse {values[1]:.4f} vb {values[2]:.4f} rep {values[3]:.5f} "
-                    f"div {values[4]:.5f}) {record['images_per_s']:.0f} img/s")
-            sums.zero_()
-            window_start, window_steps = time.perf_counter(), 0
-        if done % spec.ckpt_every == 0 and done < spec.steps:
-            checkpoint(done)
-    pbar.close()
+            # The global batch and its draws on every rank; this rank trains on its slice.
+            sums += train_step(forward, opt, ema, diffusion, z0[shard], t[shard], noise[shard],
+                               y[shard], labels[shard], bank=bank, lambda_r=spec.lambda_r,
+                               lambda_g=spec.lambda_g, accumulate_bug=spec.accumulate_bug,
+                               precision=precision, loss_fn=loss_fn, dist=dist)
+            if bank is not None and (step + 1) % per_epoch == 0:
+                bank.end_epoch()
+            window_steps += 1
+            pbar.update(1)
+            done = step + 1
+            if done % spec.log_every == 0 or done == spec.steps:
+                values = (sums / window_steps).tolist()  # the one host sync per log window
+                if not all(math.isfinite(v) for v in values):
+                    raise NonFiniteLossError(
+                        f"[{spec.name}] the loss became {values[0]} at step {done}; the last "
+                        f"good checkpoint {ckpt_path} is kept. Lower the learning rate "
+                        f"(--optim.lr or --pretrain.lr) or check the data, then resume")
+                elapsed = time.perf_counter() - window_start
+                record = {"stage": spec.name, "step": done, "epoch": epoch, "lr": lr,
+                          "loss": values[0], "mse": values[1], "vb": values[2],
+                          "rep": values[3], "div": values[4],
+                          "images_per_s": window_steps * spec.batch_size / elapsed}
+                if bank is not None:
+                    record["memory_cos_real"] = _nanmean(bank.real.mean_pairwise_cosine())
+                    record["memory_cos_gen"] = _nanmean(bank.gen.mean_pairwise_cosine())
+                if dist.main:
+                    append_jsonl(metrics_path, record)
+                    log(f"[{spec.name}] step {done}/{spec.steps} loss {values[0]:.4f} "
+                        f"(mse {values[1]:.4f} vb {values[2]:.4f} rep {values[3]:.5f} "
+                        f"div {values[4]:.5f}) {record['images_per_s']:.0f} img/s")
+                sums.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            if done % spec.ckpt_every == 0 and done < spec.steps:
+                checkpoint(done)
+            if stop["signal"] is not None:
+                if done % spec.ckpt_every or done == spec.steps:  # not saved just above
+                    checkpoint(done)
+                name = signal.Signals(stop["signal"]).name
+                raise StopRequested(f"[{spec.name}] stopped by {name} after step {done}/"
+                                    f"{spec.steps}; {ckpt_path} holds it", stop["signal"])
     if start < spec.steps or not ckpt_path.is_file():
         checkpoint(spec.steps)
     return ema
