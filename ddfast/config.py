@@ -9,6 +9,7 @@ run folder (``config.json``) and checkpoint, and ``Config.from_dict`` reads it b
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -418,9 +419,12 @@ def parse_cli_overrides(args: list[str]) -> dict[str, str]:
         key = ALIASES.get(key, key)
         key = key.replace("-", "_") if key not in valid else key
         if key not in valid:
-            flags = sorted(["--" + a for a in ALIASES] + ["--" + k for k in valid])
-            raise ConfigError(f"unknown flag --{arg[2:].partition('=')[0]}; valid flags: "
-                              + " ".join(flags))
+            given = arg[2:].partition("=")[0]
+            flags = sorted([*ALIASES, *valid])
+            close = difflib.get_close_matches(given, flags, n=3, cutoff=0.6)
+            hint = (f"did you mean {' or '.join('--' + c for c in close)}? " if close else "")
+            raise ConfigError(f"unknown flag --{given}; {hint}`python -m ddfast.train --help` "
+                              f"lists every setting")
         out[key] = value
         i += 1
     return out

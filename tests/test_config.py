@@ -78,8 +78,10 @@ def test_cli_flags_aliases_and_equals_form():
                                "--data.test-root", "/x"])
     assert got == {"sample.ipc": "1,10", "optim.lr": "0.1", "objective.lambda_g": "0.02",
                    "data.test_root": "/x"}
-    with pytest.raises(ConfigError, match="unknown flag --learning-rate"):
+    with pytest.raises(ConfigError, match="unknown flag --learning-rate; .*--help"):
         parse_cli_overrides(["--learning-rate", "1"])
+    with pytest.raises(ConfigError, match="unknown flag --optim.lrr; did you mean --optim.lr"):
+        parse_cli_overrides(["--optim.lrr", "1"])
     with pytest.raises(ConfigError, match="needs a value"):
         parse_cli_overrides(["--ipc"])
 
