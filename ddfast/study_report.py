@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddfast.errors import ConfigError
 from ddfast.io import write_json, write_png, write_text
 
 PROTOCOL_NAMES = {"dc": "DC/DSA recipe (1000 epochs, DSA augmentation)",
@@ -161,14 +160,11 @@ def markdown(res: dict) -> str:
 
 
 def plots(res: dict, out: Path) -> list[Path]:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("the study's plots need matplotlib: pip install matplotlib "
-                          "(or pip install 'ddfast[study]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     paths = []
     protos = res["settings"]["protocols"]
     fig, axes = plt.subplots(1, len(protos), figsize=(5.5 * len(protos), 4), squeeze=False)

@@ -47,6 +47,7 @@ from ddfast.models import (
 )
 from ddfast.perf import attention_backends
 from ddfast.progress import bars_enabled, log, set_quiet
+from ddfast.report import write_report
 from ddfast.sample import class_specs, write_class_grids, write_distilled
 from ddfast.trainer import (
     StageSpec,
@@ -334,7 +335,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     }
     if main:
         write_json(out / "summary.json", summary)
-        write_text(out / "report.md", report_text(cfg, summary, table))
+        write_report(out)
     dist.barrier()
     if table:
         log("\n" + table)
@@ -388,19 +389,6 @@ def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: P
     if dist.main:
         write_text(out / "results.md", table)
     return table
-
-
-def report_text(cfg: Config, summary: dict, table: str | None) -> str:
-    """The run's report: what ran, where the outputs are, the evaluation table, timings."""
-    lines = [f"# ddfast run: {cfg.preset}, method {cfg.objective.method}", "",
-             f"Config digest `{summary['config_digest']}`, device {summary['device']}.", ""]
-    if table:
-        lines += ["## Evaluation", "", table, ""]
-    lines += ["## Class grids (real images on top, distilled below)", ""]
-    lines += [f"![{Path(g).stem}](grids/{Path(g).name})" for g in summary["grids"]]
-    lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in summary["timings_s"].items()]
-    return "\n".join(lines) + "\n"
 
 
 def help_text() -> str:

@@ -58,9 +58,31 @@ def test_smoke_run_writes_every_output(finished):
     assert run0["last"] == run0["curve"][-1]["acc"]
     report = (out / "report.md").read_text()
     assert "| ours | 2 |" in report and "grids/0.png" in report
+    assert "plots/losses.png" in report and "plots/memory.png" in report
     assert summary["evaluation"] and summary["timings_s"]["eval"] > 0
     assert summary["attention"] and set(summary["attention"]) <= set(SDPA_KERNELS.values())
     assert not list(out.rglob("*.tmp"))
+
+
+def test_report_pictures_and_regeneration(finished, tmp_path, capsys):
+    import shutil
+
+    from ddfast.report import main as report_main
+
+    out, _ = finished
+    for name in ("losses.png", "memory.png"):
+        img = np.asarray(Image.open(out / "plots" / name).convert("L"))
+        assert img.shape[0] > 100 and img.std() > 10  # a drawn figure, not a blank
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "report.md").unlink()
+    shutil.rmtree(copy / "plots")
+    assert report_main([str(copy)]) == 0
+    assert (copy / "report.md").read_text() == (out / "report.md").read_text()
+    for name in ("losses.png", "memory.png"):
+        assert (copy / "plots" / name).read_bytes() == (out / "plots" / name).read_bytes()
+    assert report_main([str(tmp_path / "nothing")]) == 2
+    assert "holds no finished ddfast run" in capsys.readouterr().err
 
 
 def _kill_after(monkeypatch, module, name, when):
