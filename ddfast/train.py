@@ -292,8 +292,11 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     distilled = out / "distilled"
     if decode_vae is not None:
         decode_vae = decode_vae.to(device).eval()
-    write_distilled(distilled, torch.compile(model) if cfg.run.compile else model, decode_vae,
-                    diffusion, classes, ipc,
+    sampler_model = model
+    if cfg.run.compile:  # on a GPU with CUDA graphs: each sampling batch has a static shape
+        sampler_model = torch.compile(
+            model, mode="reduce-overhead" if device.type == "cuda" else "default")
+    write_distilled(distilled, sampler_model, decode_vae, diffusion, classes, ipc,
                     latent_shape=latents.latent_shape, null_label=null, scale=scale,
                     steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
                     guidance_channels=s.guidance_channels, seed=s.seed, batch_size=s.batch_size,

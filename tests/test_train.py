@@ -205,3 +205,18 @@ def test_pretrained_dit_folder_vae_cache_and_imagenet_conditioning(tmp_path):
     overrides["run.out"] = str(tmp_path / "run2")
     run(resolve("imagewoof", overrides))
     assert len(list((tmp_path / "cache").glob("latents-*.safetensors"))) == 1
+
+
+def test_progress_bars_on_a_terminal_and_quiet_otherwise(tmp_path, capsys):
+    """run.progress on: bars with rate and ETA for every stage on stderr; auto without a
+    terminal (as here): none. Log lines (stdout) are the same either way."""
+    run(smoke(tmp_path / "bars", **{"run.progress": "on"}))
+    shown = capsys.readouterr()
+    for stage in ("load:", "pretrain:", "finetune:", "sample:", "convnet3 seed "):
+        assert stage in shown.err, stage
+    assert "step/s" in shown.err and "<" in shown.err  # rate and remaining time
+    run(smoke(tmp_path / "quiet", **{"run.progress": "auto"}))
+    quiet = capsys.readouterr()
+    assert "step/s" not in quiet.err and "%|" not in quiet.err
+    logged = [x for x in quiet.out.splitlines() if x.startswith("[finetune] step")]
+    assert len(logged) == 2 and all("img/s" in x and "rep" in x for x in logged)
