@@ -48,14 +48,15 @@ def test_similarity_degree_cuda(benchmark, memory_items):
     benchmark(lambda: _sync(_ext.similarity_degree(items)))
 
 
-# class_extremes: (B samples, C classes, N slots, D dims). The step shape of DiT-XL/2 (D = 4096)
-# with a 64-slot memory, and a large batch against 4096-slot memories (CUDA only).
-EXTREMES_SHAPES = [(8, 10, 64, 4096), (256, 10, 4096, 4096)]
+# The step shapes of both minimax extremes and insertion: (B samples, C classes, N slots, D dims).
+# DiT-XL/2's D = 4096 with 64-slot memories, and a large batch against 4096-slot memories (CUDA
+# only). Insertion starts from full memories, so every class evicts its batch count.
+STEP_SHAPES = [(8, 10, 64, 4096), (256, 10, 4096, 4096)]
 
 
 @pytest.fixture(params=[pytest.param(s, id=f"B{s[0]}xC{s[1]}xN{s[2]}xD{s[3]}")
-                        for s in EXTREMES_SHAPES])
-def extremes_shape(request):
+                        for s in STEP_SHAPES])
+def step_shape(request):
     return request.param
 
 
@@ -80,68 +81,56 @@ def _extremes_info(benchmark, shape, x):
     benchmark.extra_info["flops"] = 4 * batch * slots * dim  # dot and item norm per pair
 
 
-def _ref_device(shape=None):
+def _ref_device():
     """Where the reference runs: the GPU when there is one, so that the ratios in a GPU run
     compare like with like; else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.benchmark(group="class_extremes")
-def test_class_extremes_ref(benchmark, extremes_shape):
+def test_class_extremes_ref(benchmark, step_shape):
     from ddfast.ref import class_extremes_ref
 
-    args = _extremes_inputs(extremes_shape, _ref_device(extremes_shape))
-    _extremes_info(benchmark, extremes_shape, args[0])
+    args = _extremes_inputs(step_shape, _ref_device())
+    _extremes_info(benchmark, step_shape, args[0])
     benchmark(lambda: _sync(class_extremes_ref(*args, False)[0]))
 
 
 @pytest.mark.benchmark(group="class_extremes")
-def test_class_extremes_ref_compiled(benchmark, extremes_shape):
+def test_class_extremes_ref_compiled(benchmark, step_shape):
     from ddfast.ref import class_extremes_ref
 
-    args = _extremes_inputs(extremes_shape, _ref_device(extremes_shape))
-    _extremes_info(benchmark, extremes_shape, args[0])
+    args = _extremes_inputs(step_shape, _ref_device())
+    _extremes_info(benchmark, step_shape, args[0])
     compiled = torch.compile(class_extremes_ref, fullgraph=True)
     compiled(*args, False)  # compile outside the timing
     benchmark(lambda: _sync(compiled(*args, False)[0]))
 
 
 @pytest.mark.benchmark(group="class_extremes")
-def test_class_extremes_cpp(benchmark, extremes_shape):
-    args = _extremes_inputs(extremes_shape, "cpu")
-    _extremes_info(benchmark, extremes_shape, args[0])
+def test_class_extremes_cpp(benchmark, step_shape):
+    args = _extremes_inputs(step_shape, "cpu")
+    _extremes_info(benchmark, step_shape, args[0])
     benchmark(lambda: _ext.class_extremes(*args, False))
 
 
 @pytest.mark.benchmark(group="class_extremes")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton is timed on a GPU only")
-def test_class_extremes_triton(benchmark, extremes_shape):
+def test_class_extremes_triton(benchmark, step_shape):
     from ddfast.kernels.minimax import class_extremes
 
-    args = _extremes_inputs(extremes_shape, "cuda")
-    _extremes_info(benchmark, extremes_shape, args[0])
+    args = _extremes_inputs(step_shape, "cuda")
+    _extremes_info(benchmark, step_shape, args[0])
     benchmark(lambda: _sync(class_extremes(*args, False)[0]))
 
 
 @pytest.mark.benchmark(group="class_extremes")
 @pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_cuda()),
                     reason="needs a CUDA device and the CUDA build")
-def test_class_extremes_cuda(benchmark, extremes_shape):
-    args = _extremes_inputs(extremes_shape, "cuda")
-    _extremes_info(benchmark, extremes_shape, args[0])
+def test_class_extremes_cuda(benchmark, step_shape):
+    args = _extremes_inputs(step_shape, "cuda")
+    _extremes_info(benchmark, step_shape, args[0])
     benchmark(lambda: _sync(_ext.class_extremes(*args, False)[0]))
-
-
-# Adaptive insertion: (B samples, C classes, N slots, D dims), memories full so that every
-# class evicts its batch count. The step shape of DiT-XL/2 with 64 slots, and a large batch
-# into 4096-slot memories (CUDA only).
-INSERT_SHAPES = [(8, 10, 64, 4096), (256, 10, 4096, 4096)]
-
-
-@pytest.fixture(params=[pytest.param(s, id=f"B{s[0]}xC{s[1]}xN{s[2]}xD{s[3]}")
-                        for s in INSERT_SHAPES])
-def insert_shape(request):
-    return request.param
 
 
 def _insert_device(shape, device):
@@ -179,34 +168,34 @@ def _bench_insert(benchmark, shape, device, fn):
 
 
 @pytest.mark.benchmark(group="insert_adaptive")
-def test_insert_adaptive_ref(benchmark, insert_shape):
+def test_insert_adaptive_ref(benchmark, step_shape):
     from ddfast.ref import insert_adaptive_ref
 
-    device = _insert_device(insert_shape, _ref_device())
-    _bench_insert(benchmark, insert_shape, device, insert_adaptive_ref)
+    device = _insert_device(step_shape, _ref_device())
+    _bench_insert(benchmark, step_shape, device, insert_adaptive_ref)
 
 
 @pytest.mark.benchmark(group="insert_adaptive")
-def test_insert_adaptive_cpp(benchmark, insert_shape):
-    if _insert_device(insert_shape, "cpu") != "cpu":
+def test_insert_adaptive_cpp(benchmark, step_shape):
+    if _insert_device(step_shape, "cpu") != "cpu":
         pytest.skip("the compiled CPU path is timed at the CPU shape only")
-    _bench_insert(benchmark, insert_shape, "cpu",
+    _bench_insert(benchmark, step_shape, "cpu",
                   lambda *args: _ext.insert_memory(*args, True))
 
 
 @pytest.mark.benchmark(group="insert_adaptive")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton is timed on a GPU only")
-def test_insert_adaptive_triton(benchmark, insert_shape):
+def test_insert_adaptive_triton(benchmark, step_shape):
     from ddfast.kernels.memory_insert import insert_memory
 
-    _bench_insert(benchmark, insert_shape, "cuda", lambda *args: insert_memory(*args, True))
+    _bench_insert(benchmark, step_shape, "cuda", lambda *args: insert_memory(*args, True))
 
 
 @pytest.mark.benchmark(group="insert_adaptive")
 @pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_cuda()),
                     reason="needs a CUDA device and the CUDA build")
-def test_insert_adaptive_cuda(benchmark, insert_shape):
-    _bench_insert(benchmark, insert_shape, "cuda",
+def test_insert_adaptive_cuda(benchmark, step_shape):
+    _bench_insert(benchmark, step_shape, "cuda",
                   lambda *args: _ext.insert_memory_cuda(*args, True))
 
 

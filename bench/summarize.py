@@ -62,15 +62,14 @@ def markdown(report: dict) -> str:
              "share of FLOP floor | vs ref |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
 
-    def fmt(value, spec):
-        return "" if value is None else format(value, spec)
+    def fmt(value, spec, suffix=""):
+        return "" if value is None else format(value, spec) + suffix
 
     for row in sorted(rows(report), key=lambda r: (r["group"], r["shape"], r["provider"])):
         lines.append(f"| {row['group']} | {row['shape']} | {row['provider']} | "
                      f"{row['ms']:.3f} | {fmt(row['gbps'], '.1f')} | "
                      f"{fmt(row['copy_share'], '.0%')} | {fmt(row['images_per_s'], '.1f')} | "
-                     f"{fmt(row['floor_share'], '.0%')} | {fmt(row['speedup'], '.1f')}x |"
-                     .replace("| x |", "|  |"))
+                     f"{fmt(row['floor_share'], '.0%')} | {fmt(row['speedup'], '.1f', 'x')} |")
     return "\n".join(lines) + "\n"
 
 

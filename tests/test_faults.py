@@ -1,6 +1,6 @@
 """Real signals against the whole job (subprocesses): SIGTERM stops training at the end of a
-step with a checkpoint and a clean exit; SIGKILL at ten moments chosen here, each followed by
---resume, still ends with exactly the outputs of an uninterrupted run."""
+step with a checkpoint and a clean exit; SIGKILL at ten points of the job chosen here, each
+followed by --resume, still ends with exactly the outputs of an uninterrupted run."""
 
 import os
 import signal
@@ -57,23 +57,36 @@ def test_sigterm_stops_training_with_a_checkpoint(reference, tmp_path):
     assert outputs(out) == reference
 
 
-def test_sigkill_at_ten_moments_then_resume_gives_identical_outputs(reference, tmp_path):
+# Where the ten kills land: (a line the job prints, seconds to wait after it). The lines come in
+# this order across resumes, so the kills walk through every stage: data, pretraining around its
+# checkpoints, the end of a stage while its model is written, fine-tuning, sampling, evaluation.
+KILL_POINTS = [("ddfast: run folder", 0.0), ("[pretrain] step 10", 0.05),
+               ("[pretrain] step 30", 0.0), ("[pretrain] step 60", 0.1),
+               ("[pretrain] step 90", 0.2), ("[pretrain] step 120", 0.0),
+               ("[finetune] step 10", 0.05), ("[finetune] step 20", 0.0),
+               ("[sample] attention", 0.3), ("[eval]", 0.3)]
+
+
+def test_sigkill_at_ten_points_then_resume_gives_identical_outputs(reference, tmp_path):
+    from PIL import Image
+
     out = tmp_path / "run"
-    where = []
-    for attempt, delay in enumerate([1.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0]):
+    for attempt, (trigger, delay) in enumerate(KILL_POINTS):
         proc = job(out, *(["--resume"] if attempt else []))
+        seen = False
+        for line in proc.stdout:
+            if line.startswith(trigger):
+                seen = True
+                break
+        assert seen, f"the job ended before printing {trigger!r}"
         time.sleep(delay)
         proc.kill()
-        stdout, _ = proc.communicate(timeout=60)
-        lines = stdout.strip().splitlines()
-        where.append(lines[-1] if lines else "starting up")
+        proc.communicate(timeout=60)
         # Whatever is on disk under a final name is whole: every PNG decodes.
         for png in (out / "distilled").rglob("*.png"):
-            from PIL import Image
-
             Image.open(png).load()
     final = job(out, "--resume")
     _, err = final.communicate(timeout=600)
     assert final.returncode == 0, err[-2000:]
-    assert outputs(out) == reference, f"kills landed at: {where}"
+    assert outputs(out) == reference
     assert not list(out.rglob("*.tmp"))
