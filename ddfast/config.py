@@ -36,7 +36,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    dit: str = "micro"  # DiT preset (XL/2, L/2, B/2, S/2, tiny, micro) or a diffusers folder
+    dit: str = "micro"  # DiT preset (XL/2, ...), a diffusers folder or an original-layout .pt
+    dit_weights: str = "ema"  # ema | model: which weights of a DiT training checkpoint (.pt)
+    dit_heads: int = 0  # attention heads of a .pt DiT outside the paper's sizes; 0 = inferred
     vae: str = "none"  # none (pixel space), a VAE preset (sd, small) or a diffusers folder
     decode_vae: str = ""  # VAE used to decode samples (sd-vae-ft-mse); "" = the encoding VAE
     patch_size: int = 0  # DiT patch size for presets; 0 = the preset's own
@@ -168,6 +170,7 @@ NON_RESULT_KEYS = ("run.out", "run.device", "run.progress", "run.log_every", "ru
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("digits", "fashion-mnist", "imagefolder"),
     "model.conditioning": ("auto", "imagenet", "class"),
+    "model.dit_weights": ("ema", "model"),
     "objective.method": ("ours", "minimax", "dit"),
     "memory.policy": ("auto", "adaptive", "fifo"),
     "memory.timing": ("step", "epoch"),

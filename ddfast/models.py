@@ -10,6 +10,13 @@ Models are diffusers' ``DiTTransformer2DModel`` (learned variance: 2C output cha
 - In train mode diffusers drops labels (rate 0.1, global RNG) anew at each of the 29 embedder
   calls of one forward, so a sample could be conditional in one block and null in the next.
   ddfast switches that off on every model it builds or loads and drops labels itself (trainer).
+- Its numerics differ from the original DiT's (facebookresearch/DiT), which trained every
+  released weight, in two defaults: the sinusoidal timestep frequencies divide the exponent by
+  half - 1 (``downscale_freq_shift=1``) where the original divides by half, and the LayerNorm
+  before each MLP uses eps 1e-5 where the original uses 1e-6. ``original_numerics`` sets both as
+  the original has them, on every DiT ddfast builds or loads; then the two forwards agree to
+  rounding on the same weights. Saved folders record eps 1e-6 in their config; the timestep
+  divisor has no config field, so plain diffusers loads them with its own (``load_dit`` does not).
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ _DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub releas
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                  "diffusion_pytorch_model.safetensors.index.json",
                  "diffusion_pytorch_model.bin.index.json")
+ORIGINAL_NORM_EPS = 1e-6  # every LayerNorm of the original DiT
 _SCALE = "difffit_scale"  # name of a DiffFit scale, registered on the module whose output it scales
 _SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                   prediction_type="epsilon", clip_sample=False)
@@ -75,6 +83,16 @@ def _no_internal_label_dropout(dit: DiTTransformer2DModel) -> None:
     # The table keeps its null row (its size is fixed at construction); only the dropping stops.
     for block in dit.transformer_blocks:
         block.norm1.emb.class_embedder.dropout_prob = 0.0
+
+
+def original_numerics(dit: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """Give a diffusers DiT the original DiT's numerics, in place (see the module doc): timestep
+    frequencies ``exp(-ln(10000) * i / half)`` and LayerNorm eps 1e-6 before every MLP."""
+    for block in dit.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0  # tied embedders: the same module
+        block.norm3.eps = ORIGINAL_NORM_EPS
+    dit.register_to_config(norm_eps=ORIGINAL_NORM_EPS)  # saved folders carry the eps
+    return dit
 
 
 def tie_embedders(dit: DiTTransformer2DModel, force: bool = False) -> bool:
@@ -126,12 +144,25 @@ def build_dit(preset: str, *, in_channels: int, sample_size: int, num_classes: i
     if sample_size % patch:
         raise ModelError(f"latent size {sample_size} is not divisible by the patch size {patch}; "
                          f"use a latent size that is a multiple of {patch} or another patch size")
-    dit = DiTTransformer2DModel(
-        num_attention_heads=p["heads"], attention_head_dim=p["hidden"] // p["heads"],
-        in_channels=in_channels, out_channels=2 * in_channels, num_layers=p["depth"],
-        sample_size=sample_size, patch_size=patch, num_embeds_ada_norm=num_classes)
-    tie_embedders(dit, force=True)  # a new model: one embedder, as in the original DiT
+    dit = make_dit(depth=p["depth"], hidden=p["hidden"], heads=p["heads"], patch=patch,
+                   in_channels=in_channels, out_channels=2 * in_channels,
+                   sample_size=sample_size, num_classes=num_classes)
     _init_like_dit(dit)
+    return dit
+
+
+def make_dit(*, depth: int, hidden: int, heads: int, patch: int, in_channels: int,
+             out_channels: int, sample_size: int, num_classes: int) -> DiTTransformer2DModel:
+    """A DiT of any shape with torch's default initialisation, the original numerics, one shared
+    embedder and no label dropout inside the model (``build_dit`` adds DiT's initialisation)."""
+    if hidden % heads:
+        raise ModelError(f"hidden size {hidden} is not divisible by {heads} heads")
+    dit = DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=in_channels,
+        out_channels=out_channels, num_layers=depth, sample_size=sample_size, patch_size=patch,
+        num_embeds_ada_norm=num_classes, norm_eps=ORIGINAL_NORM_EPS)
+    original_numerics(dit)
+    tie_embedders(dit, force=True)  # one embedder, as in the original DiT
     _no_internal_label_dropout(dit)
     return dit
 
@@ -192,7 +223,7 @@ def load_dit(path: str | Path) -> DiTTransformer2DModel:
                                                                  _DIT_CLASSES))
     tie_embedders(dit)  # equal copies (every converted checkpoint) become one again
     _no_internal_label_dropout(dit)
-    return dit.eval()
+    return original_numerics(dit).eval()
 
 
 def load_vae(path: str | Path) -> AutoencoderKL:
@@ -308,6 +339,10 @@ def apply_difffit(dit: DiTTransformer2DModel, *,
             hooked.register_parameter(_SCALE, nn.Parameter(
                 torch.ones(w.shape[0], device=w.device, dtype=w.dtype)))
             hooked.register_forward_hook(_scale_output)
+    return _difffit_trainable(dit)
+
+
+def _difffit_trainable(dit: DiTTransformer2DModel) -> list[nn.Parameter]:
     trainable = []
     for name, p in dit.named_parameters():  # shared (tied) tensors appear once
         keep = (name.endswith(".bias") or ".class_embedder." in name
@@ -320,8 +355,11 @@ def apply_difffit(dit: DiTTransformer2DModel, *,
 
 def set_trainable(dit: DiTTransformer2DModel, mode: str, *,
                   scale_blocks: int | None = None) -> list[nn.Parameter]:
-    """``difffit`` (the method's parameter set) or ``all`` (from-scratch training)."""
+    """``difffit`` (the method's parameter set) or ``all`` (from-scratch training). A model that
+    already carries DiffFit scales keeps them (and trains them) under ``difffit``."""
     if mode == "difffit":
+        if difffit_scales(dit):  # a DiffFit checkpoint (Minimax, the paper) goes on training
+            return _difffit_trainable(dit)
         return apply_difffit(dit, scale_blocks=scale_blocks)
     if mode == "all":
         for p in dit.parameters():

@@ -29,6 +29,7 @@ from ddfast.data.cache import build_latents, to_model_range
 from ddfast.data.imagenet import is_imagenet_wnid
 from ddfast.diffusion import Diffusion
 from ddfast.distributed import Dist
+from ddfast.dit_original import is_original_checkpoint, load_original
 from ddfast.errors import ConfigError, DdfastError, ModelError
 from ddfast.io import prepare_run_dir, to_uint8_image, write_json, write_text
 from ddfast.memory import MemoryBank
@@ -129,7 +130,10 @@ def load_models(cfg: Config, num_classes: int, data_channels: int, resolution: i
         raise ConfigError("this preset encodes with a VAE: pass --vae DIR (sd-vae-ft-ema in "
                           "diffusers layout), or a --dit pipeline folder that holds vae/")
     decode_vae = load_vae(str(Path(m.decode_vae).expanduser())) if m.decode_vae else vae
-    if _is_folder(m.dit):
+    if is_original_checkpoint(m.dit):
+        dit = load_original(m.dit, weights=m.dit_weights, heads=m.dit_heads or None)
+        pretrained = True
+    elif _is_folder(m.dit):
         dit, pretrained = load_dit(str(Path(m.dit).expanduser())), True
     elif m.dit in DIT_PRESETS:
         in_ch = vae.config.latent_channels if vae is not None else data_channels
@@ -142,8 +146,8 @@ def load_models(cfg: Config, num_classes: int, data_channels: int, resolution: i
                         num_classes=num_classes, patch_size=m.patch_size or None)
         pretrained = False
     else:
-        raise ModelError(f"model.dit={m.dit!r} is neither an existing folder nor a preset; "
-                         f"presets are {', '.join(DIT_PRESETS)}")
+        raise ModelError(f"model.dit={m.dit!r} is neither an existing folder, a .pt file nor a "
+                         f"preset; presets are {', '.join(DIT_PRESETS)}")
     return dit, vae, decode_vae, pretrained
 
 
