@@ -362,6 +362,22 @@ def _class_extreme(x_units: Tensor, labels: Tensor, items: Tensor, counts: Tenso
     return torch.where(arg_sample >= 0, picked, fill)
 
 
+def released_class_counts(labels: Tensor, num_classes: int) -> Tensor:
+    """(C,) float64: how many times the authors' released loop counts each class's terms.
+
+    It iterates ``set(labels)`` (numpy ints, whose hashes are their values) and adds its running
+    sums to the loss once per class visited, so the class at position j of the n visited counts
+    n - j times; absent classes count 0. The order is CPython's set order: ascending for most
+    batches, but not always, since a small table folds large labels onto small slots
+    (``set([2, 9])`` visits 9 first, ``set([0, 8, 4])`` 0, 8, 4). A host sync, fine for a
+    compatibility switch."""
+    order = list(set(labels.flatten().tolist()))  # the released loop's iteration order
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for j, c in enumerate(order):
+        counts[c] = len(order) - j
+    return counts.to(labels.device)
+
+
 def combine_minimax_terms(rep_min: Tensor, div_max: Tensor, labels: Tensor, real_counts: Tensor,
                           gen_counts: Tensor, *, lambda_r: float, lambda_g: float,
                           accumulate_bug: bool = False) -> MinimaxTerms:
@@ -377,7 +393,7 @@ def combine_minimax_terms(rep_min: Tensor, div_max: Tensor, labels: Tensor, real
     has_real = has_gen & (real_counts > 0)  # (C,)
     weight = 1.0 / present.sum().to(rep_min.dtype)  # () 1/n
     if accumulate_bug:
-        weight = weight * present.flip(0).cumsum(0).flip(0).to(rep_min.dtype)  # (C,) >= c
+        weight = weight * released_class_counts(labels, num_classes).to(rep_min)  # (C,)
     # Swap the +-inf of skipped classes for finite values first, so no inf reaches the
     # arithmetic (and no 0 * inf reaches a gradient).
     rep_min = torch.where(has_real, rep_min, 1.0)
@@ -400,8 +416,8 @@ def minimax_terms_ref(x0_hat: Tensor, labels: Tensor, real_items: Tensor, real_c
     samples-by-memory matrix, so only the extreme sample gets gradient; memories get none.
 
     ``accumulate_bug=True`` reproduces the authors' released loop, which adds running sums
-    inside the class loop: with classes visited in ascending order (what its Python set of small
-    class indices yields), class c's terms count once per batch class >= c. NOT the method.
+    inside its loop over ``set(labels)``: the class at position j of the n it visits counts
+    n - j times, in CPython's set order (``released_class_counts``). NOT the method.
 
     x0_hat (B, D) any float dtype; labels (B,) int64 in [0, C); real_items (C, N_R, D);
     real_counts (C,); gen_items (C, N_G, D); gen_counts (C,). Returns MinimaxTerms with total ()

@@ -77,7 +77,7 @@ def naive_loss(x, labels, real, gen, lambda_r, lambda_g, accumulate_bug=False):
     num_classes = len(real.mem)
     rep, div = [0.0] * num_classes, [0.0] * num_classes
     labels = labels.tolist()
-    classes = sorted(set(labels))
+    classes = list(set(labels))  # the released loop's order (matters only for accumulate_bug)
     n = len(classes)
     zero = 0 * x.sum()  # keeps the graph when no class qualifies
     total, run_r, run_g, extremes = zero, zero, zero, set()
@@ -264,25 +264,38 @@ def test_gradient_reaches_one_sample_per_term():
         assert int(x.grad.float().abs().sum(1).gt(0).sum()) == 1
 
 
-def test_accumulate_bug_reproduces_released_loop():
+@pytest.mark.parametrize("batch", [
+    [4, 0, 2, 5, 0, 1, 4],  # a class without memory (5) still adds the running sums
+    [3, 9, 3],  # CPython visits set([3, 9]) as 9, 3: class 9 counts twice, not class 3
+    [2, 9],
+    [0, 8, 4, 8],  # set order 0, 8, 4
+    [9, 1, 8, 0],  # slots collide in a small table: the order follows insertion
+])
+def test_accumulate_bug_reproduces_released_loop(batch):
     gen = torch.Generator().manual_seed(13)
-    num_classes, dim = 6, 8
+    num_classes, dim = 10, 8
     bank = MemoryBank(num_classes, dim, real_capacity=4, gen_capacity=4)
-    real, fake = NaiveMemory(num_classes, 4, "adaptive", "step"), None
+    real = NaiveMemory(num_classes, 4, "adaptive", "step")
     fake = NaiveMemory(num_classes, 4, "adaptive", "step")
-    warm_labels = torch.tensor([0, 1, 2, 4, 0, 1, 2, 4])
-    z0, x0 = torch.randn(8, dim, generator=gen), torch.randn(8, dim, generator=gen)
+    warm_labels = torch.tensor([0, 1, 2, 3, 4, 8, 9, 0, 1, 2, 3, 4, 8, 9])
+    z0 = torch.randn(len(warm_labels), dim, generator=gen)
+    x0 = torch.randn(len(warm_labels), dim, generator=gen)
     bank.update(z0, x0, warm_labels)
     real.insert(z0, warm_labels)
     fake.insert(x0, warm_labels)
-    x = torch.randn(7, dim, generator=gen)
-    labels = torch.tensor([4, 0, 2, 5, 0, 1, 4])
+    labels = torch.tensor(batch)
+    x = torch.randn(len(batch), dim, generator=gen)
     terms = bank.loss(x, labels, accumulate_bug=True)
     total = naive_loss(x.double(), labels, real, fake, 0.002, 0.008, accumulate_bug=True)[0]
     torch.testing.assert_close(terms.total.double(), total, rtol=1e-5, atol=0)
     torch.testing.assert_close(terms.total, terms.rep.sum() + terms.div.sum())
     fixed = bank.loss(x, labels)
-    assert terms.total > fixed.total  # earlier classes counted more than once
+    assert terms.total > fixed.total  # classes visited first count more than once
+    order = list(dict.fromkeys(set(batch)))  # Python's order, which the weights must follow
+    counts = {c: len(order) - j for j, c in enumerate(order)}
+    for c in order:
+        if fake.mem[c]:
+            torch.testing.assert_close(terms.div[c], fixed.div[c] * counts[c])
 
 
 def naive_full_prune(x, capacity):
