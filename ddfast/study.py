@@ -207,7 +207,7 @@ class Study:
             x = train.images(range(len(train)))
             record, model, _ = train_classifier(
                 x, train.labels, test_x, test_y, protocol="dc", epochs=self.scale.full_epochs,
-                seed=0, device=dev, flip=self.flip, progress=self.progress)
+                seed=0, device=dev, flip=self.flip, progress=self.progress, dataset=self.dataset)
             record = {**record, "num_train": len(train), "seconds": time.perf_counter() - t}
             save_tensors(w_path, {k: v.detach().cpu().contiguous() for k, v in
                                   model.state_dict().items()}, {"network": "convnet3"})
@@ -233,7 +233,7 @@ class Study:
 
         _, model = self.full_classifier()
         dev = next(model.parameters()).device
-        mean, std = norm_stats(x.shape[1])
+        mean, std = norm_stats(x.shape[1], self.dataset)
         return features(model, normalize(x.to(dev).float() / 255.0, mean, std)).cpu()
 
     # ------------------------------------------------------------------------------ cells
@@ -249,7 +249,7 @@ class Study:
         log(f"[study] evaluate {key}")
         res = evaluate(x, y, test_x, test_y, networks=("convnet3",), repeats=1,
                        epochs=self.scale.eval_epochs, protocol=protocol, device=self.device,
-                       seed=seed, flip=self.flip, progress=self.progress)
+                       seed=seed, flip=self.flip, progress=self.progress, dataset=self.dataset)
         real_f, real_y = self.real_features()
         div = set_diversity(real_f, real_y, self._features(x), y)
         net = res["networks"]["convnet3"]

@@ -385,7 +385,7 @@ def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: P
                           repeats=cfg.eval.repeats, epochs=cfg.eval.epochs,
                           protocol=cfg.eval.protocol, device=device, seed=cfg.run.seed,
                           batch_size=cfg.eval.batch_size or None, progress=progress,
-                          dist=dist)
+                          dist=dist, dataset=cfg.data.source)
         if dist.main:
             records.append(write_results(out / f"ipc{ipc}", result, method=cfg.objective.method,
                                          ipc=ipc))

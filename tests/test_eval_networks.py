@@ -63,6 +63,18 @@ def test_convnet_head_follows_resolution():
         assert pools == min(depth, {8: 3, 28: 4, 32: 5, 224: 7}[res]), (name, res)
 
 
+def test_grey_convnet3_is_dcs_network():
+    """DC/DSA's and IDC's ConvNet pads a 1-channel input's first conv by 3: 28 px maps become
+    32-16-8-4, head Linear(2048, 10), 317,706 parameters (DC's count on Fashion-MNIST)."""
+    net = build_network("convnet3", num_classes=10, channels=1, resolution=28)
+    assert net.features[0].padding == (3, 3) and net.features[4].padding == (1, 1)
+    assert net.classifier.in_features == 2048 and n_params(net) == 317_706
+    h = net.features(torch.zeros(2, 1, 28, 28))
+    assert tuple(h.shape) == (2, 128, 4, 4)
+    digits = build_network("convnet3", num_classes=10, channels=1, resolution=8)
+    assert digits.feature_size == 1  # 8 px: 12-6-3-1
+
+
 def test_resnet18_parameter_count():
     r18 = build_network("resnet18", num_classes=1000, channels=3, resolution=224)
     n = n_params(r18)

@@ -250,7 +250,9 @@ def _mkdir(path):
 
 
 def test_dc_protocol_recipe(digits, monkeypatch):
-    """DC/DSA: batch 256, lr x0.1 at half, no CutMix, DSA augmentation, tested once at the end."""
+    """DC/DSA's evaluate_synset: batch 256; for Epoch = 5 it runs range(6) passes, and after
+    pass index Epoch // 2 + 1 = 3 builds a new SGD at lr x0.1 (momentum restarts); no CutMix,
+    DSA augmentation, float32, tested once at the end."""
     x, y, tx, ty, _ = digits
     calls = []
     monkeypatch.setattr(protocol_mod, "_accuracy", lambda *a: calls.append(1) or 42.0)
@@ -260,18 +262,31 @@ def test_dc_protocol_recipe(digits, monkeypatch):
     real_cutmix = augment_mod.cutmix
     monkeypatch.setattr(augment_mod, "cutmix",
                         lambda *a, **k: used_cutmix.append(1) or real_cutmix(*a, **k))
+    optimisers = []
+    real_sgd = torch.optim.SGD
+
+    def counted_sgd(*a, **k):
+        optimisers.append(k)
+        return real_sgd(*a, **k)
+
+    monkeypatch.setattr(torch.optim, "SGD", counted_sgd)
     res = evaluate(x, y, tx, ty, networks=["convnet3"], repeats=1, epochs=6, protocol="dc",
-                   device="cpu", seed=0)
+                   device="cpu", seed=0, dataset="digits")
     run = res["networks"]["convnet3"]["runs"][0]
-    assert run["lrs"] == pytest.approx([0.01] * 3 + [0.001] * 3, rel=1e-9)
+    assert run["lrs"] == pytest.approx([0.01] * 4 + [0.001] * 2, rel=1e-9)
+    assert [o["lr"] for o in optimisers] == pytest.approx([0.01, 0.001])  # a new SGD
+    assert all(o["momentum"] == 0.9 and o["weight_decay"] == 5e-4 for o in optimisers)
     assert [p["epoch"] for p in run["curve"]] == [6] and len(calls) == 1
     assert run["best"] == run["last"] == 42.0
     assert res["batch_size"] == 256 and res["augment"] == "dsa" and res["flip"] is False
+    assert res["dsa_mode"] == "S" and res["dataset"] == "digits"
     assert not used_cutmix
-    assert protocol_mod.get_protocol("dc").epochs == 1000
+    dc = protocol_mod.get_protocol("dc")
+    assert dc.epochs == 1001 and not dc.bf16  # DC's range(1000 + 1), in float32
+    assert protocol_mod.milestones_for(dc, 1001) == [502]
 
 
-def test_dc_protocol_defaults_to_1000_epochs_and_flip_is_settable(digits, monkeypatch):
+def test_dc_protocol_defaults_to_1001_passes_and_flip_is_settable(digits, monkeypatch):
     x, y, tx, ty, _ = digits
     seen = {}
 
@@ -282,7 +297,7 @@ def test_dc_protocol_defaults_to_1000_epochs_and_flip_is_settable(digits, monkey
     monkeypatch.setattr(protocol_mod, "_train_one", fake_train)
     res = evaluate(x, y, tx, ty, networks=["convnet3"], repeats=1, epochs=0, protocol="dc",
                    device="cpu", seed=0, flip=True)
-    assert seen == {"epochs": 1000, "proto": "dc"} and res["flip"] is True
+    assert seen == {"epochs": 1001, "proto": "dc"} and res["flip"] is True
     evaluate(x, y, tx, ty, networks=["convnet3"], repeats=1, epochs=0, protocol="small",
              device="cpu", seed=0)
     assert seen["epochs"] == epochs_for_ipc(3)
@@ -296,3 +311,25 @@ def test_train_classifier_returns_the_trained_model(digits):
         acc = 100.0 * (model(prep(tx)).argmax(1) == ty).double().mean().item()
     assert record["last"] == pytest.approx(acc)
     assert len(record["lrs"]) == 2
+
+
+def test_dataset_statistics_and_flip_rules():
+    """Known datasets are normalised with their own statistics (DC's and IDC's Fashion-MNIST
+    values; digits' measured on its training split) and flipped by their own rule."""
+    from ddfast.data import open_source
+    from ddfast.eval.augment import DATASETS, default_flip, norm_stats
+
+    train = open_source("digits", "train")
+    x = train.images(range(len(train))).double() / 255.0
+    mean, std = norm_stats(1, "digits")
+    assert abs(x.mean().item() - mean[0]) < 1e-4 and abs(x.std().item() - std[0]) < 1e-4
+    assert norm_stats(1, "fashion-mnist") == ((0.2861,), (0.3530,))
+    assert norm_stats(1, None) == ((0.5,), (0.5,))
+    assert default_flip(1, "fashion-mnist") and not default_flip(1, "digits")
+    assert not default_flip(1, None) and default_flip(3, None)
+    assert set(DATASETS) == {"fashion-mnist", "mnist", "digits"}
+    unit = torch.full((2, 1, 8, 8), 0.5)
+    _, test, _, _, flip = protocol_mod._prepare(unit, unit, protocol_mod.get_protocol("dc"),
+                                                torch.device("cpu"), None, "fashion-mnist")
+    assert flip is True
+    torch.testing.assert_close(test, torch.full_like(unit, (0.5 - 0.2861) / 0.3530))

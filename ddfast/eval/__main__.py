@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="training batch (default: the protocol's, 64 or 256 for dc)")
     p.add_argument("--flip", choices=("auto", "on", "off"), default="auto",
-                   help="horizontal flips in training (auto: colour sets only)")
+                   help="horizontal flips in training (auto: the dataset's rule, Fashion-MNIST "
+                   "yes and digits no; other grey sets no, colour sets yes)")
+    p.add_argument("--dsa-mode", choices=("S", "M"), default="S",
+                   help="dc protocol: one DSA group per batch (S, DC's default) or all (M)")
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
     p.add_argument("--method", default=None, help="the table's row label (default: ours with "
                    "--train, random without)")
@@ -120,7 +123,9 @@ def run(args) -> list[dict]:
                            repeats=args.repeats, epochs=args.epochs, protocol=args.protocol,
                            device=args.device, seed=args.seed, batch_size=args.batch_size,
                            progress=args.progress,
-                           flip=None if args.flip == "auto" else args.flip == "on")
+                           flip=None if args.flip == "auto" else args.flip == "on",
+                           dataset=args.source if args.test is None else None,
+                           dsa_mode=args.dsa_mode)
         out = Path(args.out) if len(ipcs) == 1 else Path(args.out) / f"ipc{ipc or 'full'}"
         method = args.method or ("ours" if args.train is not None else "random")
         # IPC 0 means all images: "full" for real data, the per-class count for a distilled tree.

@@ -6,9 +6,10 @@ The designs follow IDC (Kim et al., 2022, ``models/convnet.py``, ``resnet_ap.py`
 which the generative-distillation papers (Minimax, D4M, ...) evaluate with:
 
 * ConvNet-D: D x [conv3x3 (padding 1), instance norm, ReLU, avg-pool 2x2], linear head on the
-  flattened map. Unlike DC/IDC we do not pad 28 px inputs to 32 (their first conv uses padding 3
-  for 1-channel images); the head is sized for whatever resolution the net is built for, and
-  pooling stops once the map is 1x1 so any depth works on small images.
+  flattened map. As in DC/DSA and IDC, the first conv pads a 1-channel input by 3, so 28 px
+  grey images become 32 px maps (32-16-8-4, head Linear(2048, C) for ConvNet-3: 317,706
+  parameters on Fashion-MNIST). The head is sized for whatever resolution the net is built for,
+  and pooling stops once the map is 1x1 so any depth works on small images.
 * ResNetAP-10: BasicBlock [1, 1, 1, 1], widths 64/128/256/512; a downsampling block average-pools
   (2x2) after its first conv's norm and ReLU, and its shortcut is conv1x1 -> avg-pool -> norm, so
   the net has no strided convolution at all.
@@ -58,8 +59,10 @@ class ConvNet(nn.Module):
             raise ValueError(f"ConvNet depth must be >= 1, got {depth}")
         layers: list[nn.Module] = []
         size, c_in = resolution, channels
-        for _ in range(depth):
-            layers += [nn.Conv2d(c_in, width, 3, padding=1), instance_norm(width), nn.ReLU()]
+        for d in range(depth):
+            pad = 3 if (d == 0 and channels == 1) else 1  # DC's grey inputs: 28 px -> 32 px maps
+            layers += [nn.Conv2d(c_in, width, 3, padding=pad), instance_norm(width), nn.ReLU()]
+            size += 2 * (pad - 1)
             # A 1x1 map cannot be pooled again: deep nets on tiny images keep the 1x1 map.
             if size > 1:
                 layers.append(nn.AvgPool2d(2, 2))

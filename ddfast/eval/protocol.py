@@ -7,8 +7,15 @@ momentum 0.9 and weight decay 5e-4:
 * ``small`` and ``imagenet-subset`` (IDC / Minimax, method.md section 5): batch 64, lr x0.2 at 2/3
   and 5/6 of the epochs, device-side augmentation plus CutMix on every batch, epochs by IPC, test
   accuracy every ``max(1, epochs // 100)`` epochs and at the last.
-* ``dc`` (the DC / DSA recipe behind the field's 28-32 px tables): batch 256, 1000 epochs, lr x0.1
-  at half, DSA augmentation (``ddfast.eval.dsa``), no CutMix, tested once at the end.
+* ``dc`` (the DC / DSA recipe behind the field's 28-32 px tables, ``evaluate_synset`` of
+  VICO-UoE/DatasetCondensation): batch 256, 1001 passes (its ``range(Epoch + 1)`` with Epoch
+  1000), lr x0.1 after pass 502 through a new SGD (momentum restarts, as DC rebuilds its
+  optimiser), DSA augmentation in its default mode (one group per batch, ``ddfast.eval.dsa``),
+  no CutMix, float32 throughout, tested once at the end.
+
+Images are normalised with their dataset's statistics when the dataset is known (``dataset``:
+Fashion-MNIST 0.2861 / 0.3530 as DC and IDC, digits its own), and flipped when the dataset's
+images may be mirrored (Fashion-MNIST yes, digits no; unknown sets: colour ones only).
 
 Each reports best (max over evaluations; equal to last for ``dc``) and last, mean and std over
 repeats.
@@ -57,6 +64,8 @@ class Protocol:
     milestones: tuple[tuple[int, int], ...] = ((2, 3), (5, 6))  # lr steps at num/den of epochs
     gamma: float = LR_GAMMA  # lr factor at each milestone
     test_every_percent: bool = True  # test every epochs // 100 epochs, else only at the end
+    restart_momentum: bool = False  # a new SGD at each milestone (DC), else MultiStepLR
+    bf16: bool = True  # bf16 autocast on CUDA (train and test); False = float32 throughout
 
 
 PROTOCOL_PRESETS = {
@@ -64,8 +73,8 @@ PROTOCOL_PRESETS = {
     "imagenet-subset": Protocol("imagenet-subset", 224, ("convnet6", "resnetap10", "resnet18"),
                                 upscale=True),
     "dc": Protocol("dc", None, ("convnet3",), upscale=False, augment="dsa", cutmix=False,
-                   epochs=1000, batch_size=256, milestones=((1, 2),), gamma=0.1,
-                   test_every_percent=False),
+                   epochs=1001, batch_size=256, milestones=(), gamma=0.1,
+                   test_every_percent=False, restart_momentum=True, bf16=False),
 }
 
 
@@ -73,6 +82,14 @@ def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOL_PRESETS:
         raise ConfigError(f"unknown evaluation protocol {name!r}: pass one of {list(PROTOCOLS)}")
     return PROTOCOL_PRESETS[name]
+
+
+def milestones_for(proto: Protocol, epochs: int) -> list[int]:
+    """The passes after which the lr drops. DC: one drop after pass ``(epochs - 1) // 2 + 2``
+    (its ``ep == Epoch // 2 + 1`` test on 0-based ``ep`` with Epoch = epochs - 1)."""
+    if proto.restart_momentum:
+        return [(epochs - 1) // 2 + 2]
+    return [num * epochs // den for num, den in proto.milestones]
 
 
 def epochs_for_ipc(ipc: int) -> int:
@@ -281,14 +298,17 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
     from ddfast.eval.augment import cutmix
 
     cuda = device.type == "cuda"
+    bf16 = cuda and proto.bf16
     shuffle_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    group_gen = torch.Generator().manual_seed(seed + 2)  # DSA's group per batch, on the host
     model = _build(network, num_classes, test_x.shape[1], test_x.shape[-1], seed).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=[num * epochs // den for num, den in proto.milestones], gamma=proto.gamma)
+    milestones = milestones_for(proto, epochs)
+    sched = None if proto.restart_momentum else torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=milestones, gamma=proto.gamma)
     every = max(1, epochs // 100) if proto.test_every_percent else epochs
     n = train_x.shape[0]
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no per-step sync
@@ -300,12 +320,12 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
         order = torch.randperm(n, generator=shuffle_gen).to(device, non_blocking=True)  # (N,)
         for start in range(0, n, batch_size):  # the last partial batch is kept
             idx = order[start:start + batch_size]  # (b,)
-            x = augment(train_x[idx], aug_gen)  # (b, C, S, S) normalised
+            x = augment(train_x[idx], aug_gen, group_gen)  # (b, C, S, S) normalised
             if proto.cutmix:
                 x, y_a, y_b, lam = cutmix(x, train_y[idx], alpha=CUTMIX_BETA, generator=aug_gen)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x).float()  # (b, K)
             if proto.cutmix:
                 loss = (lam * F.cross_entropy(logits, y_a)
@@ -317,9 +337,13 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
             opt.step()
             loss_sum += loss.detach()
             steps += 1
-        sched.step()
+        if sched is not None:
+            sched.step()
+        elif epoch + 1 in milestones:  # DC: a new optimiser at the lower lr, momentum reset
+            opt = torch.optim.SGD(model.parameters(), lr=opt.param_groups[0]["lr"] * proto.gamma,
+                                  momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         if (epoch + 1) % every == 0 or epoch + 1 == epochs:
-            acc = _accuracy(model, test_x, test_y, cuda)
+            acc = _accuracy(model, test_x, test_y, bf16)
             curve.append({"epoch": epoch + 1, "acc": acc, "train_loss": loss_sum.item() / steps})
             loss_sum.zero_()
             steps = 0
@@ -328,10 +352,12 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
     return (record, model) if keep_model else record
 
 
-def _prepare(train_x, test_x, proto: Protocol, device, flip: bool | None = None):
+def _prepare(train_x, test_x, proto: Protocol, device, flip: bool | None = None,
+             dataset: str | None = None, dsa_mode: str = "S"):
     """Move both sets to the device; returns (train [0, 1], test normalised, augment, size,
-    flip), ``flip`` being the flip in force (``None`` resolves to "RGB sets only")."""
-    from ddfast.eval.augment import Augment, norm_stats, test_transform
+    flip), ``flip`` being the flip in force (``None``: the dataset's rule, else RGB sets only).
+    ``augment(x, generator, group_generator)`` maps a [0, 1] batch to a normalised one."""
+    from ddfast.eval.augment import Augment, default_flip, norm_stats, test_transform
 
     train = _as_unit(train_x, "train", device)  # (N, C, H, W)
     test = _as_unit(test_x, "test", device)  # (M, C, h, w)
@@ -347,37 +373,44 @@ def _prepare(train_x, test_x, proto: Protocol, device, flip: bool | None = None)
         hw = (math.ceil(train.shape[-2] * scale), math.ceil(train.shape[-1] * scale))
         train = F.interpolate(train, size=hw, mode="bilinear", antialias=True,
                               align_corners=False).clamp_(0, 1)  # (N, C, >=S, >=S)
-    mean, std = norm_stats(channels)
+    mean, std = norm_stats(channels, dataset)
     test = test_transform(test, out_size=size, mean=mean, std=std)  # (M, C, S, S)
     if device.type == "cuda":
         test = test.contiguous(memory_format=torch.channels_last)  # the layout the convs prefer
-    # Flips and colour noise assume natural RGB photos; grayscale glyphs (digits) have handedness.
-    # ``flip`` overrides the flip for sets whose grey images may be mirrored (Fashion-MNIST).
+    # Colour noise assumes natural RGB photos; grey glyphs (digits) also have handedness, while
+    # grey Fashion-MNIST items may be mirrored: the dataset's rule decides the flip.
     rgb = channels == 3
-    flip = rgb if flip is None else bool(flip)
+    flip = default_flip(channels, dataset) if flip is None else bool(flip)
     if proto.augment == "dsa":
         from ddfast.eval.augment import normalize
         from ddfast.eval.dsa import DSAugment
 
-        dsa = DSAugment(flip=flip)
+        dsa = DSAugment(flip=flip, mode=dsa_mode)
 
-        def augment(x, gen):
-            return dsa(normalize(x, mean, std), gen)
+        def augment(x, gen, group_gen):
+            return dsa(normalize(x, mean, std), gen, group_gen)
     else:
-        augment = Augment(out_size=size, flip=flip, jitter=0.4 if rgb else 0.0,
-                          lighting=0.1 if rgb else 0.0, mean=mean, std=std)
+        idc = Augment(out_size=size, flip=flip, jitter=0.4 if rgb else 0.0,
+                      lighting=0.1 if rgb else 0.0, mean=mean, std=std)
+
+        def augment(x, gen, group_gen):
+            return idc(x, gen)
     return train, test, augment, size, flip
 
 
 def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs: int,
              protocol: str, device, seed: int, batch_size: int | None = None,
-             progress: bool = False, flip: bool | None = None, dist=None) -> dict:
+             progress: bool = False, flip: bool | None = None, dist=None,
+             dataset: str | None = None, dsa_mode: str = "S") -> dict:
     """Train every network ``repeats`` times on (train_x, train_y); test on (test_x, test_y).
 
     train_x: (N, C, H, W) uint8 or float [0, 1]; train_y: (N,) int; test likewise. ``epochs``
-    0 takes the protocol's (``dc``: 1000) or, for the IDC protocols, the epochs by IPC (the
-    smallest class count of the train set); ``batch_size`` None takes the protocol's; ``flip``
-    None flips RGB sets only. Every (network, repeat) gets its own seed derived from ``seed``.
+    0 takes the protocol's (``dc``: 1001 passes) or, for the IDC protocols, the epochs by IPC
+    (the smallest class count of the train set); ``batch_size`` None takes the protocol's;
+    ``dataset`` (``digits``, ``fashion-mnist``, ``mnist``; None = unknown) picks normalisation
+    and the flip rule; ``flip`` overrides that rule; ``dsa_mode`` ``S`` (one DSA group per
+    batch, DC's default) or ``M`` (all groups) for the ``dc`` protocol. Every (network, repeat)
+    gets its own seed derived from ``seed``.
     Returns a JSON-ready dict: per network ``best_mean/best_std/last_mean/last_std`` (percent,
     population std) and every run's curve. ``dist`` (a ``ddfast.distributed.Dist``) deals the
     (network, repeat) runs to the ranks in turn and gathers them: every rank returns the result.
@@ -404,7 +437,8 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
                         "images: every test class needs train images")
     epochs = epochs or proto.epochs or epochs_for_ipc(ipc)
     start = time.perf_counter()
-    train, test, augment, size, flip = _prepare(train_x, test_x, proto, dev, flip)
+    train, test, augment, size, flip = _prepare(train_x, test_x, proto, dev, flip, dataset,
+                                                dsa_mode)
     for net in networks:  # an unknown name fails now, not after hours of the first network
         _build(net, num_classes, test.shape[1], size, seed)
     train_y, test_y = train_y.to(dev), test_y.to(dev)
@@ -412,7 +446,8 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
            "device": str(dev), "ipc": ipc, "num_train": int(train.shape[0]),
            "num_test": int(test.shape[0]), "num_classes": num_classes, "resolution": size,
            "std": "population (ddof=0, as IDC)", "accuracy": "percent", "augment": proto.augment,
-           "flip": flip, "networks": {}}
+           "flip": flip, "dataset": dataset,
+           "dsa_mode": dsa_mode if proto.augment == "dsa" else None, "networks": {}}
     jobs = [(k, r) for k in range(len(networks)) for r in range(repeats)]
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     mine = {job: _train_one(train, train_y, test, test_y, network=networks[job[0]],
@@ -436,7 +471,7 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
 def train_classifier(train_x, train_y, test_x, test_y, *, network: str = "convnet3",
                      protocol: str = "dc", epochs: int, seed: int = 0, device="auto",
                      batch_size: int | None = None, flip: bool | None = None,
-                     progress: bool = False):
+                     progress: bool = False, dataset: str | None = None):
     """One network trained by ``protocol``'s recipe for ``epochs`` on any number of images (the
     full training set, say). Returns (record, model in eval mode on the device, normalise), where
     ``normalise(x_uint8_or_unit)`` prepares images as the model saw them at test time."""
@@ -447,12 +482,12 @@ def train_classifier(train_x, train_y, test_x, test_y, *, network: str = "convne
     train_y = torch.as_tensor(train_y, dtype=torch.int64).to(dev)
     test_y = torch.as_tensor(test_y, dtype=torch.int64).to(dev)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    train, test, augment, _, _ = _prepare(train_x, test_x, proto, dev, flip)
+    train, test, augment, _, _ = _prepare(train_x, test_x, proto, dev, flip, dataset)
     record, model = _train_one(
         train, train_y, test, test_y, network=network, num_classes=num_classes, epochs=epochs,
         augment=augment, device=dev, seed=seed, batch_size=batch_size or proto.batch_size,
         progress=progress, proto=proto, keep_model=True)
-    mean, std = norm_stats(train.shape[1])
+    mean, std = norm_stats(train.shape[1], dataset)
     model.eval()
     return record, model, lambda x: normalize(_as_unit(x, "input", dev), mean, std)
 
