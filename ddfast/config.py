@@ -99,7 +99,7 @@ class EvalConfig:
     protocol: str = "small"  # small (IDC recipe, 28-32 px) | dc (DC/DSA recipe) | imagenet-subset
     networks: tuple[str, ...] = ("convnet3",)  # networks trained on each distilled set
     repeats: int = 3  # runs per network with distinct seeds
-    epochs: int = 0  # 0 = by IPC as the protocol says
+    epochs: int = 0  # 0 = the protocol's (small 1000, dc 1001, imagenet-subset by IPC)
     batch_size: int = 0  # classifier training batch; 0 = the protocol's (64; dc 256)
 
 

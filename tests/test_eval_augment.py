@@ -41,9 +41,11 @@ def test_shapes_dtype_and_normalised_range(channels, dtype):
     assert out.shape == (9, channels, 16, 16) and out.dtype == dtype
     lo = (0 - torch.tensor(mean, dtype=dtype)) / torch.tensor(std, dtype=dtype)
     hi = (1 - torch.tensor(mean, dtype=dtype)) / torch.tensor(std, dtype=dtype)
-    assert (out.amin((0, 2, 3)) >= lo - 1e-6).all() and (out.amax((0, 2, 3)) <= hi + 1e-6).all()
-    # jitter and lighting push some pixels to the clamp: both ends are reached somewhere
+    # IDC clamps nowhere: brightness 1.4 pushes pixels past white, and [0, 1] is no bound
+    assert out.isfinite().all()
     assert (out.amin((0, 2, 3)) < lo + 0.3).all() and (out.amax((0, 2, 3)) > hi - 0.3).all()
+    if channels == 3:
+        assert (out.amax((0, 2, 3)) > hi + 1e-3).any()
     assert aug.norm_stats(3) == (aug.IMAGENET_MEAN, aug.IMAGENET_STD)
     assert aug.norm_stats(1) == ((0.5,), (0.5,))
     with pytest.raises(ValueError):

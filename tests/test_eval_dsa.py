@@ -150,3 +150,19 @@ def test_one_group_moves_pixels_far_less_than_all_groups():
 def test_dsaugment_rejects_bad_input():
     with pytest.raises(ValueError, match="float images"):
         dsa.DSAugment()(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_idc_mode_flips_and_colours_every_batch_then_one_geometric_group():
+    """IDC's DiffAug as its train.py uses it with CutMix: flip (per image) and the colour group
+    on every batch, then one of crop, scale and rotate; no cutout."""
+    x = _images(b=5, c=1, h=12, w=12)
+    aug = dsa.DSAugment(flip=True, mode="idc")
+    assert [op.__name__ for op in aug.always] == ["hflip", "color"]
+    assert [op.__name__ for op in aug.ops] == ["crop", "scale", "rotate"]
+    assert [op.__name__ for op in dsa.DSAugment(flip=False, mode="idc").always] == ["color"]
+    for seed in range(12):
+        out = aug(x, torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed))
+        k = int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(seed)))
+        g = torch.Generator().manual_seed(seed)
+        want = aug.ops[k](dsa.color(dsa.hflip(x, g), g), g)
+        torch.testing.assert_close(out, want)

@@ -3,6 +3,7 @@
 Real digits data and the real networks/augmentation; runs are a few epochs of ConvNet-3 at 8 px.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -121,13 +122,16 @@ def test_lr_milestones_on_the_optimizer(digits, monkeypatch):
     # milestones 2*12//3 = 8 and 5*12//6 = 10: lr x0.2 from epoch 8 (0-based), again from 10
     expected = [0.01] * 8 + [0.002] * 2 + [0.0004] * 2
     assert lrs == pytest.approx(expected, rel=1e-9)
-    assert len(res["networks"]["convnet3"]["runs"][0]["curve"]) == 12  # every max(1, 12//100)
+    assert len(res["networks"]["convnet3"]["runs"][0]["curve"]) == 1  # IDC small: at the end
 
 
 def test_best_and_last_follow_the_recorded_curve(digits, monkeypatch):
     x, y, tx, ty, _ = digits
     scripted = iter([20.0, 60.0, 40.0, 30.0])  # up, then down
     monkeypatch.setattr(protocol_mod, "_accuracy", lambda *a: next(scripted))
+    # imagenet-subset's cadence (every epochs // 100) on the small recipe's 8 px images
+    every_epoch = dataclasses.replace(protocol_mod.get_protocol("small"), test_every_percent=True)
+    monkeypatch.setitem(protocol_mod.PROTOCOL_PRESETS, "small", every_epoch)
     res = evaluate(x, y, tx, ty, networks=["convnet3"], repeats=1,
                    epochs=4, protocol="small", device="cpu", seed=0)
     run = res["networks"]["convnet3"]["runs"][0]
@@ -210,8 +214,8 @@ def test_cli_random_real_digits_end_to_end(tmp_path, capsys):
     assert (record["method"], record["ipc"], record["epochs"]) == ("random", 10, 2)
     assert record["num_train"] == 100 and record["num_test"] == 355
     run = record["networks"]["convnet3"]["runs"][0]
-    assert [p["epoch"] for p in run["curve"]] == [1, 2]
-    assert 0.0 <= run["best"] <= 100.0
+    assert [p["epoch"] for p in run["curve"]] == [2]  # IDC's small recipe tests at the end
+    assert 0.0 <= run["best"] <= 100.0 and record["dsa_mode"] == "idc"
     md = (out / "results.md").read_text()
     assert "| random | 10 |" in md
     printed = capsys.readouterr().out
@@ -300,6 +304,10 @@ def test_dc_protocol_defaults_to_1001_passes_and_flip_is_settable(digits, monkey
     assert seen == {"epochs": 1001, "proto": "dc"} and res["flip"] is True
     evaluate(x, y, tx, ty, networks=["convnet3"], repeats=1, epochs=0, protocol="small",
              device="cpu", seed=0)
+    assert seen["epochs"] == 1000  # IDC's flat 1000 on small sets
+    big = torch.zeros(30, 1, 8, 8)  # imagenet-subset keeps the epochs by IPC
+    evaluate(big, y, tx, ty, networks=["convnet6"], repeats=1, epochs=0,
+             protocol="imagenet-subset", device="cpu", seed=0)
     assert seen["epochs"] == epochs_for_ipc(3)
 
 
@@ -333,3 +341,22 @@ def test_dataset_statistics_and_flip_rules():
                                                 torch.device("cpu"), None, "fashion-mnist")
     assert flip is True
     torch.testing.assert_close(test, torch.full_like(unit, (0.5 - 0.2861) / 0.3530))
+
+
+def test_small_recipe_is_idcs(digits, monkeypatch):
+    """IDC on 28-32 px sets: batch 64, 1000 epochs, lr x0.2 at 2/3 and 5/6, its DSA variant,
+    CutMix on about half of the batches (a coin per batch), one test at the end."""
+    import ddfast.eval.augment as augment_mod
+
+    small = protocol_mod.get_protocol("small")
+    assert (small.batch_size, small.epochs, small.gamma, small.cutmix_p) == (64, 1000, 0.2, 0.5)
+    assert small.dsa_mode == "idc" and not small.test_every_percent
+    x, y, tx, ty, _ = digits
+    mixed = []
+    real_cutmix = augment_mod.cutmix
+    monkeypatch.setattr(augment_mod, "cutmix",
+                        lambda *a, **k: mixed.append(1) or real_cutmix(*a, **k))
+    monkeypatch.setattr(protocol_mod, "_accuracy", lambda *a: 0.0)
+    evaluate(x, y, tx, ty, networks=["convnet3"], repeats=1, epochs=200, protocol="small",
+             device="cpu", seed=0, batch_size=64)
+    assert 70 < len(mixed) < 130  # 200 batches, a fair coin each

@@ -58,14 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=PROTOCOLS, default="small")
     p.add_argument("--networks", default="", help="comma-separated (default: the protocol's)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=0, help="0 = by IPC")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="0 = the protocol's (small 1000, dc 1001 passes, imagenet-subset by IPC)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="training batch (default: the protocol's, 64 or 256 for dc)")
     p.add_argument("--flip", choices=("auto", "on", "off"), default="auto",
                    help="horizontal flips in training (auto: the dataset's rule, Fashion-MNIST "
                    "yes and digits no; other grey sets no, colour sets yes)")
-    p.add_argument("--dsa-mode", choices=("S", "M"), default="S",
-                   help="dc protocol: one DSA group per batch (S, DC's default) or all (M)")
+    p.add_argument("--dsa-mode", choices=("S", "M", "idc"), default=None,
+                   help="DSA variant (default: the protocol's; dc: S, one group per batch as "
+                   "DC; small: idc, IDC's; M: all groups on every batch)")
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
     p.add_argument("--method", default=None, help="the table's row label (default: ours with "
                    "--train, random without)")

@@ -14,7 +14,7 @@ and no host sync:
 * colour jitter: each op is a blend ``f * x + (1 - f) * target`` (target black for brightness,
   the mean grey level for contrast, the grey image for saturation), ``f`` uniform in
   [1 - j, 1 + j] per image and op. Like IDC's tensor ops (and unlike torchvision's PIL path)
-  there is no clamp between ops, only one clamp to [0, 1] after lighting. Without those clamps
+  there is no clamp at all, not even after lighting (IDC clamps nowhere). Without clamps
   the three blends commute (each is linear, contrast keeps the mean grey, saturation keeps the
   grey image), so IDC's random order changes nothing but float rounding; we apply a fixed order
   (brightness, contrast, saturation) and draw no order. Saturation needs colour, so it runs only
@@ -186,7 +186,7 @@ class Augment:
             vec = torch.tensor(IMAGENET_EIGVEC, device=dev, dtype=x.dtype)  # (3, 3) columns
             rgb = (alpha * val) @ vec.T  # (B, 3): eigvec @ (alpha * eigval) per image
             out = out + rgb.view(b, 3, 1, 1)
-        return normalize(out.clamp(0, 1), self.mean, self.std)
+        return normalize(out, self.mean, self.std)  # no clamp, as IDC
 
     def _jitter(self, x: torch.Tensor, gen) -> torch.Tensor:
         """Brightness, contrast, saturation (fixed order, see the module doc). x: (B, C, S, S)."""

@@ -18,6 +18,10 @@ ONE group per batch, shared by the batch, each image with its own parameters. Mo
 applies every group in turn to every batch: about three times the pixel change per call, and
 about 3 points lower at Fashion-MNIST IPC 10.
 
+IDC evaluates small-image sets with its own variant of DSA (``misc/augment.py``, mode ``idc``
+here): the flip (per image) and the colour group on every batch, then ONE of crop, scale and
+rotate per batch; cutout is left out because IDC trains with CutMix.
+
 Scale and rotate resample bilinearly with zero padding (zero is the mean after normalisation)
 and ``align_corners=False``, what DSA's ``affine_grid`` / ``grid_sample`` calls do on any
 PyTorch since 1.3 (they pass no value). The whole batch is transformed at once on its device;
@@ -112,7 +116,7 @@ def rotate(x: torch.Tensor, gen) -> torch.Tensor:
     return _warp(x, theta)
 
 
-MODES = ("S", "M")
+MODES = ("S", "M", "idc")
 
 
 class DSAugment:
@@ -121,14 +125,20 @@ class DSAugment:
 
     The groups of the module doc in DSA's order; ``flip=False`` drops the flip group. Mode ``S``
     draws one group per call from ``group_generator`` (a CPU generator; None = torch's global
-    one), mode ``M`` applies them all.
+    one), mode ``M`` applies them all, mode ``idc`` applies flip and colour, then one of crop,
+    scale and rotate.
     """
 
     def __init__(self, *, flip: bool = True, mode: str = "S"):
         if mode not in MODES:
             raise ValueError(f"DSA mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self.ops = [color, crop, cutout] + ([hflip] if flip else []) + [scale, rotate]
+        if mode == "idc":
+            self.always = ([hflip] if flip else []) + [color]
+            self.ops = [crop, scale, rotate]
+        else:
+            self.always = []
+            self.ops = [color, crop, cutout] + ([hflip] if flip else []) + [scale, rotate]
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  group_generator: torch.Generator | None = None) -> torch.Tensor:
@@ -139,9 +149,9 @@ class DSAugment:
             raise ValueError(f"the generator lives on {generator.device} but the images on "
                              f"{x.device}: create it on the images' device")
         ops = self.ops
-        if self.mode == "S":
+        if self.mode != "M":
             k = int(torch.randint(len(ops), (1,), generator=group_generator))  # a CPU draw
             ops = [ops[k]]
-        for op in ops:
+        for op in self.always + ops:
             x = op(x, generator)
         return x

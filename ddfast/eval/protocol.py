@@ -4,9 +4,13 @@ A distilled (or random-real) set of IPC images per class trains a network from s
 is tested on the real held-out images of the same classes. Three recipes, all SGD with lr 0.01,
 momentum 0.9 and weight decay 5e-4:
 
-* ``small`` and ``imagenet-subset`` (IDC / Minimax, method.md section 5): batch 64, lr x0.2 at 2/3
-  and 5/6 of the epochs, device-side augmentation plus CutMix on every batch, epochs by IPC, test
-  accuracy every ``max(1, epochs // 100)`` epochs and at the last.
+* ``imagenet-subset`` (IDC / Minimax, method.md section 5): batch 64, lr x0.2 at 2/3 and 5/6 of
+  the epochs, device-side augmentation plus CutMix on every batch, epochs by IPC, test accuracy
+  every ``max(1, epochs // 100)`` epochs and at the last.
+* ``small`` (IDC's recipe for 28-32 px sets, its ``train.py`` with ``argument.py``'s settings
+  for MNIST, Fashion-MNIST, SVHN and CIFAR): batch 64, 1000 epochs, lr x0.2 at 2/3 and 5/6,
+  IDC's DSA variant (flip and colour on every batch, then one of crop, scale and rotate;
+  ``ddfast.eval.dsa`` mode ``idc``), CutMix on half of the batches, tested once at the end.
 * ``dc`` (the DC / DSA recipe behind the field's 28-32 px tables, ``evaluate_synset`` of
   VICO-UoE/DatasetCondensation): batch 256, 1001 passes (its ``range(Epoch + 1)`` with Epoch
   1000), lr x0.1 after pass 502 through a new SGD (momentum restarts, as DC rebuilds its
@@ -65,11 +69,14 @@ class Protocol:
     gamma: float = LR_GAMMA  # lr factor at each milestone
     test_every_percent: bool = True  # test every epochs // 100 epochs, else only at the end
     restart_momentum: bool = False  # a new SGD at each milestone (DC), else MultiStepLR
-    bf16: bool = True  # bf16 autocast on CUDA (train and test); False = float32 throughout
+    bf16: bool = False  # bf16 autocast on CUDA (train and test); False = float32, as IDC and DC
+    dsa_mode: str = "S"  # with augment dsa: S (DC), M (all groups) or idc (IDC's variant)
+    cutmix_p: float = 1.0  # share of batches CutMix mixes (IDC: 0.5 on small sets)
 
 
 PROTOCOL_PRESETS = {
-    "small": Protocol("small", None, ("convnet3",), upscale=False),
+    "small": Protocol("small", None, ("convnet3",), upscale=False, augment="dsa", epochs=1000,
+                      test_every_percent=False, dsa_mode="idc", cutmix_p=0.5),
     "imagenet-subset": Protocol("imagenet-subset", 224, ("convnet6", "resnetap10", "resnet18"),
                                 upscale=True),
     "dc": Protocol("dc", None, ("convnet3",), upscale=False, augment="dsa", cutmix=False,
@@ -321,13 +328,16 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
         for start in range(0, n, batch_size):  # the last partial batch is kept
             idx = order[start:start + batch_size]  # (b,)
             x = augment(train_x[idx], aug_gen, group_gen)  # (b, C, S, S) normalised
-            if proto.cutmix:
+            # IDC's coin per batch (a host draw, so no step waits for the device).
+            mix = proto.cutmix and (proto.cutmix_p >= 1.0 or
+                                    float(torch.rand(1, generator=group_gen)) < proto.cutmix_p)
+            if mix:
                 x, y_a, y_b, lam = cutmix(x, train_y[idx], alpha=CUTMIX_BETA, generator=aug_gen)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x).float()  # (b, K)
-            if proto.cutmix:
+            if mix:
                 loss = (lam * F.cross_entropy(logits, y_a)
                         + (1 - lam) * F.cross_entropy(logits, y_b))
             else:
@@ -353,7 +363,7 @@ def _train_one(train_x, train_y, test_x, test_y, *, network, num_classes, epochs
 
 
 def _prepare(train_x, test_x, proto: Protocol, device, flip: bool | None = None,
-             dataset: str | None = None, dsa_mode: str = "S"):
+             dataset: str | None = None, dsa_mode: str | None = None):
     """Move both sets to the device; returns (train [0, 1], test normalised, augment, size,
     flip), ``flip`` being the flip in force (``None``: the dataset's rule, else RGB sets only).
     ``augment(x, generator, group_generator)`` maps a [0, 1] batch to a normalised one."""
@@ -385,7 +395,7 @@ def _prepare(train_x, test_x, proto: Protocol, device, flip: bool | None = None,
         from ddfast.eval.augment import normalize
         from ddfast.eval.dsa import DSAugment
 
-        dsa = DSAugment(flip=flip, mode=dsa_mode)
+        dsa = DSAugment(flip=flip, mode=dsa_mode or proto.dsa_mode)
 
         def augment(x, gen, group_gen):
             return dsa(normalize(x, mean, std), gen, group_gen)
@@ -401,15 +411,16 @@ def _prepare(train_x, test_x, proto: Protocol, device, flip: bool | None = None,
 def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs: int,
              protocol: str, device, seed: int, batch_size: int | None = None,
              progress: bool = False, flip: bool | None = None, dist=None,
-             dataset: str | None = None, dsa_mode: str = "S") -> dict:
+             dataset: str | None = None, dsa_mode: str | None = None) -> dict:
     """Train every network ``repeats`` times on (train_x, train_y); test on (test_x, test_y).
 
     train_x: (N, C, H, W) uint8 or float [0, 1]; train_y: (N,) int; test likewise. ``epochs``
     0 takes the protocol's (``dc``: 1001 passes) or, for the IDC protocols, the epochs by IPC
     (the smallest class count of the train set); ``batch_size`` None takes the protocol's;
     ``dataset`` (``digits``, ``fashion-mnist``, ``mnist``; None = unknown) picks normalisation
-    and the flip rule; ``flip`` overrides that rule; ``dsa_mode`` ``S`` (one DSA group per
-    batch, DC's default) or ``M`` (all groups) for the ``dc`` protocol. Every (network, repeat)
+    and the flip rule; ``flip`` overrides that rule; ``dsa_mode`` None takes the protocol's
+    (``dc``: ``S``, one DSA group per batch; ``small``: ``idc``), ``M`` applies all groups.
+    Every (network, repeat)
     gets its own seed derived from ``seed``.
     Returns a JSON-ready dict: per network ``best_mean/best_std/last_mean/last_std`` (percent,
     population std) and every run's curve. ``dist`` (a ``ddfast.distributed.Dist``) deals the
@@ -447,7 +458,8 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
            "num_test": int(test.shape[0]), "num_classes": num_classes, "resolution": size,
            "std": "population (ddof=0, as IDC)", "accuracy": "percent", "augment": proto.augment,
            "flip": flip, "dataset": dataset,
-           "dsa_mode": dsa_mode if proto.augment == "dsa" else None, "networks": {}}
+           "dsa_mode": (dsa_mode or proto.dsa_mode) if proto.augment == "dsa" else None,
+           "networks": {}}
     jobs = [(k, r) for k in range(len(networks)) for r in range(repeats)]
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     mine = {job: _train_one(train, train_y, test, test_y, network=networks[job[0]],
