@@ -4,7 +4,7 @@
 
 The reference is the loop one writes first: per-image augmentation in a Python loop on the CPU,
 fp32, a ``.item()`` sync every step. The harness keeps everything on the device, augments whole
-batches there, syncs only when evaluating and (on CUDA) trains in bf16 with channels_last. Each
+batches there, syncs only when evaluating and (on CUDA) trains with channels_last. Each
 harness benchmark's extra_info holds the reference's seconds measured in the same run and the
 ratio (reference / harness), plus images/s of training. ConvNet-3 at 28 px runs on the CPU;
 ResNetAP-10 at 224 px (IPC 10 and 50) only with CUDA.

@@ -17,7 +17,9 @@ The short API (names load on first use, so ``import ddfast`` stays light)::
 ``make_config`` resolves a preset with ``section.field`` overrides (``python -m ddfast.train
 --help`` lists them); ``run`` is the whole job of ``python -m ddfast.train`` and returns its
 summary; ``write_distilled`` samples a distilled set from any DiT; ``minimax_terms`` computes the
-memory terms from raw tensors.
+memory terms from raw tensors; ``load_dit`` (a diffusers folder) and ``load_original`` (an
+original-layout ``.pt``) give a DiT with the original DiT's numerics, ``save_original`` writes one
+back in that layout.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ _API = {
     "minimax_terms": ("ddfast.memory", "minimax_terms"),
     "evaluate": ("ddfast.eval", "evaluate"),
     "load_folder_set": ("ddfast.eval", "load_folder_set"),
+    "load_dit": ("ddfast.models", "load_dit"),
+    "load_original": ("ddfast.dit_original", "load_original"),
+    "save_original": ("ddfast.dit_original", "save_original"),
     "DdfastError": ("ddfast.errors", "DdfastError"),
 }
 

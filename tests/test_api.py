@@ -8,8 +8,10 @@ import torch
 
 import ddfast
 from ddfast.config import Config, resolve
+from ddfast.dit_original import load_original, save_original
 from ddfast.eval import evaluate, load_folder_set
 from ddfast.memory import MemoryBank, minimax_terms
+from ddfast.models import load_dit
 from ddfast.sample import write_distilled
 from ddfast.train import run
 
@@ -19,6 +21,8 @@ def test_names_are_the_documented_objects():
     assert ddfast.MemoryBank is MemoryBank and ddfast.minimax_terms is minimax_terms
     assert ddfast.evaluate is evaluate and ddfast.load_folder_set is load_folder_set
     assert ddfast.write_distilled is write_distilled
+    assert ddfast.load_dit is load_dit and ddfast.load_original is load_original
+    assert ddfast.save_original is save_original
     assert set(ddfast.__all__) <= set(dir(ddfast))
     with pytest.raises(AttributeError, match="the API is"):
         ddfast.no_such_thing  # noqa: B018
