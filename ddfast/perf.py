@@ -8,6 +8,9 @@ floor the speed benchmarks compare against.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -35,11 +38,34 @@ def attention_backends(fn: Callable[[], object]) -> list[str]:
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize()
-    with torch.profiler.profile(activities=activities) as prof, torch.no_grad():
-        fn()
+    prof = torch.profiler.profile(activities=activities)
+    with _native_stderr_silenced():
+        prof.__enter__()
+    try:
+        with torch.no_grad():
+            fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+    finally:
+        with _native_stderr_silenced():
+            prof.__exit__(None, None, None)
     return sorted({SDPA_KERNELS[e.name] for e in prof.events() if e.name in SDPA_KERNELS})
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's native library prints ``USDT ... profiler_start`` / ``profiler_stop`` lines
+    straight to file descriptor 2 when a profile starts and stops; a run's console does not need
+    them. Only those two calls are silenced, never ``fn``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
