@@ -106,6 +106,14 @@ class Dist:
         best = gathered.gather(0, winner.unsqueeze(0)).squeeze(0)  # (C,)
         return torch.where(winner == self.rank, values, best)
 
+    def agree_max(self, value: int, device: torch.device | str = "cpu") -> int:
+        """The largest ``value`` over ranks, on every rank (one small all-reduce)."""
+        if not self.active:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         if not self.active:

@@ -290,12 +290,18 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
                 window_start, window_steps = time.perf_counter(), 0
             if done % spec.ckpt_every == 0 and done < spec.steps:
                 checkpoint(done)
-            if stop["signal"] is not None:
+            signum = stop["signal"]
+            if dist.active:
+                # A signal reaches the ranks at different steps: they agree at each log interval
+                # (one all-reduce), so all stop after the same step and none waits on the others.
+                logged = done % spec.log_every == 0 or done == spec.steps
+                signum = (dist.agree_max(signum or 0, device) or None) if logged else None
+            if signum is not None:
                 if done % spec.ckpt_every or done == spec.steps:  # not saved just above
                     checkpoint(done)
-                name = signal.Signals(stop["signal"]).name
+                name = signal.Signals(signum).name
                 raise StopRequested(f"[{spec.name}] stopped by {name} after step {done}/"
-                                    f"{spec.steps}; {ckpt_path} holds it", stop["signal"])
+                                    f"{spec.steps}; {ckpt_path} holds it", signum)
     if start < spec.steps or not ckpt_path.is_file():
         checkpoint(spec.steps)
     return ema

@@ -246,3 +246,49 @@ def test_torchrun_job_matches_one_process(tmp_path):
                       - np.asarray(Image.open(other), np.int16))
         assert diff.max() <= 1, path
     assert not list((tmp_path / "two").rglob("*.tmp"))
+
+
+def _sigterm_worker(rank, world, store, folder):
+    import os
+    import signal
+
+    import ddfast.trainer as trainer_mod
+
+    dist = _init(rank, world, store)
+    real_step, calls = trainer_mod.train_step, []
+
+    def step(*args, **kwargs):  # rank 1 alone is told to stop, during its second step
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    trainer_mod.train_step = step
+    try:
+        stage(Path(folder), 6, dist)
+        outcome = "finished"
+    except trainer_mod.StopRequested as exc:
+        outcome = str(exc)
+    (Path(folder) / f"rank{rank}.txt").write_text(outcome)
+    torch_dist.destroy_process_group()
+
+
+def test_sigterm_to_one_rank_stops_all_at_the_same_step(tmp_path):
+    """Under torchrun a signal reaches the ranks at different steps. They agree at the next log
+    interval (step 3 here), checkpoint together and exit, instead of one waiting forever."""
+    from ddfast.checkpoint import load_checkpoint
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    ctx = mp.start_processes(_sigterm_worker, args=(2, str(tmp_path / "store"), str(folder)),
+                             nprocs=2, start_method="spawn", join=False)
+    for _ in range(240):  # two minutes at most; a hang fails instead of blocking the suite
+        if ctx.join(timeout=0.5):
+            break
+    else:
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail("the ranks did not stop together: one waits on the other")
+    for rank in (0, 1):
+        assert "stopped by SIGTERM after step 3/6" in (folder / f"rank{rank}.txt").read_text()
+    assert load_checkpoint(folder / "ckpt.safetensors")["step"] == 3
