@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["SDPA_KERNELS", "attention_backends", "matmul_tflops"]
+__all__ = ["SDPA_KERNELS", "attention_backends", "compile", "matmul_tflops"]
 
 # aten op name -> backend name, for every SDPA kernel PyTorch dispatches to.
 SDPA_KERNELS = {
@@ -66,6 +66,26 @@ def _native_stderr_silenced():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def compile(fn, **kwargs):
+    """``torch.compile(fn, **kwargs)`` with an on-disk kernel cache of its own per
+    ``ATEN_CPU_CAPABILITY``.
+
+    Inductor picks its CPU vector width from that variable, but its cache does not tell kernels
+    of different widths apart: after a run under another capability it can reuse a kernel of
+    the wrong width and compute wrong sums (a float32 sum of squares came out halved under
+    ``ATEN_CPU_CAPABILITY=avx2`` after a run without it). A cache folder per capability avoids
+    that; an explicit ``TORCHINDUCTOR_CACHE_DIR`` is left alone."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if cap:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        default = os.path.abspath(default_cache_dir())
+        # torch writes its default into the variable on first use: that one is ours to change.
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) == default:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, f"isa-{cap}")
+    return torch.compile(fn, **kwargs)
 
 
 def matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,

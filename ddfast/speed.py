@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ddfast import perf
 from ddfast.diffusion import Diffusion, image_seed, sample
 from ddfast.memory import MemoryBank
 from ddfast.models import EMA, build_dit, build_vae, set_trainable
@@ -192,7 +193,7 @@ def ddfast_finetune_step(w: Workload, batch: int, capacity: int = 64, compile: b
     dim = int(z0[0].numel())
     bank = MemoryBank(w.num_classes, dim, real_capacity=capacity, gen_capacity=capacity,
                       device=w.device)
-    loss_fn = torch.compile(objective) if compile else objective
+    loss_fn = perf.compile(objective) if compile else objective
     gen = torch.Generator(device=w.device).manual_seed(0)
     precision = "bf16" if cuda else "fp32"
 
@@ -211,7 +212,7 @@ def ddfast_sample(w: Workload, steps: int = 50, guidance: float = 4.0, compile: 
     cuda = w.device.type == "cuda"
     forward = w.dit
     if compile:  # CUDA graphs on a GPU: the batch shape is static
-        forward = torch.compile(w.dit, mode="reduce-overhead" if cuda else "default")
+        forward = perf.compile(w.dit, mode="reduce-overhead" if cuda else "default")
 
     def run(num: int, label: int = 0) -> torch.Tensor:
         labels = torch.full((num,), label, device=w.device)

@@ -72,8 +72,8 @@ SCALES = {
         "fashion-mnist": Scale(ipc=(1, 10, 50), repeats=3, protocols=("dc", "small"),
                                full_epochs=50, ablations=True),
     },
-    # Sized for 2 CPU cores: digits complete at IPC 1 and 10 (the IDC recipe, 2000 epochs at
-    # IPC 10, once per method; ablation points twice); Fashion-MNIST with a cheaper DiT
+    # Sized for 2 CPU cores: digits complete at IPC 1 and 10 (the IDC recipe, 1000 epochs,
+    # once per method; ablation points twice); Fashion-MNIST with a cheaper DiT
     # (micro with 7x7 patches: 16 tokens, so 6000 steps fit; a patch-4 model after 2000 steps
     # still sampled noise), one repeat, the DC/DSA recipe only, no ablations, one epoch of
     # full-data training.

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddfast import perf
 from ddfast.config import ALIASES, PRESETS, Config, field_types, parse_cli_overrides, resolve
 from ddfast.data import check_same_classes, open_source
 from ddfast.data.cache import build_latents, to_model_range
@@ -298,7 +299,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         decode_vae = decode_vae.to(device).eval()
     sampler_model = model
     if cfg.run.compile:  # on a GPU with CUDA graphs: each sampling batch has a static shape
-        sampler_model = torch.compile(
+        sampler_model = perf.compile(
             model, mode="reduce-overhead" if device.type == "cuda" else "default")
     write_distilled(distilled, sampler_model, decode_vae, diffusion, classes, ipc,
                     latent_shape=latents.latent_shape, null_label=null, scale=scale,

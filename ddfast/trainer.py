@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ddfast import perf
 from ddfast.checkpoint import load_checkpoint, optimizer_from_tensors, save_checkpoint
 from ddfast.data.cache import LatentSet
 from ddfast.diffusion import Diffusion
@@ -183,7 +184,7 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
     dist = dist or Dist.single()
     shard = dist.shard(spec.batch_size)
     model.eval()
-    loss_fn = torch.compile(objective) if compile else objective
+    loss_fn = perf.compile(objective) if compile else objective
     forward = model
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import BACKENDS, skip_unless_backend_runs
 
-from ddfast import _ext
+from ddfast import _ext, perf
 from ddfast.memory import ClassMemory
 from ddfast.ops import insert_memory, prune_adaptive
 from ddfast.ref import (
@@ -377,12 +377,12 @@ def test_torch_compile_fullgraph_insert_matches_eager(use_cpp, one_thread):
         return cnt.sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)
+    compiled = perf.compile(step, fullgraph=True)
     total = compiled(items, counts, new_items, labels)
     assert torch.equal(items, want_items) and torch.equal(counts, want_counts)
     assert int(total) == int(want_counts.sum())
     x = rows(20, 24, torch.Generator().manual_seed(20))
-    compiled_prune = torch.compile(lambda t: prune_adaptive(t, 6) + 0, fullgraph=True)
+    compiled_prune = perf.compile(lambda t: prune_adaptive(t, 6) + 0, fullgraph=True)
     assert torch.equal(compiled_prune(x), prune_adaptive_ref(x, 6))
 
 

@@ -1,6 +1,7 @@
 """The training step run eagerly and through torch.compile, and the attention-kernel probe."""
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ddfast import perf
 from ddfast.diffusion import Diffusion
 from ddfast.memory import MemoryBank
 from ddfast.models import EMA
@@ -91,7 +93,7 @@ def test_compiled_step_matches_eager():
     eager_bank = MemoryBank(3, 256, real_capacity=4, gen_capacity=4)
     compiled_bank = MemoryBank(3, 256, real_capacity=4, gen_capacity=4)
     want, want_ema = _steps(objective, eager_model, eager_bank, batches, diffusion)
-    got, got_ema = _steps(torch.compile(objective), compiled_model, compiled_bank, batches,
+    got, got_ema = _steps(perf.compile(objective), compiled_model, compiled_bank, batches,
                           diffusion)
     assert torch.all(want[1:, 3:] > 0)  # rep and div are live once the memories fill
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -105,3 +107,19 @@ def test_compiled_step_matches_eager():
         g, w = getattr(compiled_bank, name), getattr(eager_bank, name)
         assert torch.equal(g.counts, w.counts)
         torch.testing.assert_close(g.items, w.items, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_keeps_one_kernel_cache_per_cpu_capability(monkeypatch, tmp_path):
+    """Inductor's cache does not key CPU kernels by the vector width ATEN_CPU_CAPABILITY picks,
+    and a kernel of the wrong width summed wrongly; perf.compile gives each capability its own
+    cache, and leaves a cache folder the user chose alone."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)  # what torch itself writes there
+    perf.compile(lambda x: x + 1)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(default, "isa-avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    perf.compile(lambda x: x + 1)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
