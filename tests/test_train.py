@@ -151,7 +151,7 @@ def test_cli_reports_bad_input_and_writes_nothing(tmp_path, capsys):
     assert "--root" in capsys.readouterr().err
     assert main(["--preset", "smoke", "--out", str(tmp_path / "z"),
                  "--model.dit", str(tmp_path / "nope")]) == 2
-    assert "neither an existing folder nor a preset" in capsys.readouterr().err
+    assert "neither an existing folder, a .pt file nor a preset" in capsys.readouterr().err
     # a corrupt image is found while the data is read, before the run folder is written
     for w in ("n02096294", "n02093754"):
         (tmp_path / "tree" / w).mkdir(parents=True)
