@@ -31,11 +31,21 @@ def check_norms(net: nn.Module) -> None:
 def test_forward_backward_small_resolutions(name, res, channels):
     torch.manual_seed(0)
     net = build_network(name, num_classes=7, channels=channels, resolution=res)
+    sides = []  # pixels of every map an instance norm sees
+    for m in net.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.register_forward_hook(lambda mod, inp, out: sides.append(inp[0][0, 0].numel()))
     x = torch.randn(3, channels, res, res, requires_grad=True)
     out = net(x)
     assert out.shape == (3, 7) and torch.isfinite(out).all()
     out.square().sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert x.grad is not None
+    if min(sides) > 1:
+        assert x.grad.abs().sum() > 0
+    else:
+        # Instance norm of a 1x1 map is its bias whatever the input, so no gradient reaches
+        # the input: exactly 0, or rounding noise from SIMD kernels (which once made this pass).
+        assert x.grad.abs().max() < 1e-3, x.grad.abs().max()
     assert all(p.grad is not None for p in net.parameters())
     check_norms(net)
 
