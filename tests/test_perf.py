@@ -97,12 +97,15 @@ def test_compiled_step_matches_eager():
                           diffusion)
     assert torch.all(want[1:, 3:] > 0)  # rep and div are live once the memories fill
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    # Adam divides by sqrt(v): where a gradient is near zero, float rounding of the compiled
-    # kernels moves that element's update by a fraction of lr (1e-3).
-    for a, b in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-4)
-    for a, b in zip(got_ema.shadow, want_ema.shadow, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-4)
+    # Adam divides by sqrt(v): where a gradient is rounding noise, its sign and so that
+    # element's update (up to lr = 1e-3 a step) can differ between the two runs. That bounds
+    # every element by 2 * lr * steps; nearly all of them must agree far more closely.
+    bound = 2 * 1e-3 * len(batches)
+    pairs = [*zip(compiled_model.parameters(), eager_model.parameters(), strict=True),
+             *zip(got_ema.shadow, want_ema.shadow, strict=True)]
+    diff = torch.cat([(a.detach() - b.detach()).abs().flatten() for a, b in pairs])
+    assert diff.max() <= bound, diff.max()
+    assert (diff <= 2e-4).float().mean() >= 0.99, (diff > 2e-4).sum()
     for name in ("real", "gen"):
         g, w = getattr(compiled_bank, name), getattr(eager_bank, name)
         assert torch.equal(g.counts, w.counts)
