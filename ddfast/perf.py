@@ -76,15 +76,17 @@ def compile(fn, **kwargs):
     of different widths apart: after a run under another capability it can reuse a kernel of
     the wrong width and compute wrong sums (a float32 sum of squares came out halved under
     ``ATEN_CPU_CAPABILITY=avx2`` after a run without it). A cache folder per capability avoids
-    that; an explicit ``TORCHINDUCTOR_CACHE_DIR`` is left alone."""
+    that, inside ``TORCHINDUCTOR_CACHE_DIR`` when one is set."""
     cap = os.environ.get("ATEN_CPU_CAPABILITY")
     if cap:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
         default = os.path.abspath(default_cache_dir())
-        # torch writes its default into the variable on first use: that one is ours to change.
-        if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) == default:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, f"isa-{cap}")
+        chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR", default)
+        # torch writes its default into the variable on first use: that one is ours to change;
+        # another folder gets a per-capability subfolder.
+        if os.path.basename(chosen) != f"isa-{cap}":
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(chosen, f"isa-{cap}")
     return torch.compile(fn, **kwargs)
 
 

@@ -5,12 +5,18 @@ any kernel module is imported.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A kernel cache of the suite's own: torch.compile's shared cache under the temp folder outlives
+# installs, and a graph cached by another install of ddfast once aborted inside the compiled
+# insertion test. (ddfast.perf.compile still splits it by ATEN_CPU_CAPABILITY.)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ddfast-inductor-"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -115,7 +115,7 @@ def test_compiled_step_matches_eager():
 def test_compile_keeps_one_kernel_cache_per_cpu_capability(monkeypatch, tmp_path):
     """Inductor's cache does not key CPU kernels by the vector width ATEN_CPU_CAPABILITY picks,
     and a kernel of the wrong width summed wrongly; perf.compile gives each capability its own
-    cache, and leaves a cache folder the user chose alone."""
+    cache, inside the folder the user chose if any."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     default = os.path.abspath(default_cache_dir())
@@ -123,6 +123,8 @@ def test_compile_keeps_one_kernel_cache_per_cpu_capability(monkeypatch, tmp_path
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)  # what torch itself writes there
     perf.compile(lambda x: x + 1)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(default, "isa-avx2")
+    perf.compile(lambda x: x + 1)  # once chosen, it stays
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(default, "isa-avx2")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     perf.compile(lambda x: x + 1)
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "isa-avx2")
