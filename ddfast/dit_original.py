@@ -5,8 +5,8 @@ Three kinds of ``.pt`` file hold DiT weights in that layout:
 * the released weights (``DiT-XL-2-256x256.pt``): a plain state dict;
 * DiT's own training checkpoints: ``{"model", "ema", "opt", "args"}``;
 * the fine-tuning checkpoints of Minimax diffusion and of the paper's released code: the same
-  dict, whose first ``DIFFFIT_BLOCKS`` blocks also hold DiffFit scales (``gamma``; see
-  ``_GAMMA_SITES``).
+  dict, whose first blocks (14 in the released models, whatever the depth) also hold DiffFit
+  scales (``gamma``; see ``_GAMMA_SITES``).
 
 ``load_original`` turns any of them into ddfast's DiT (diffusers' module with the original
 numerics, DiffFit scales attached where the file has them); ``save_original`` writes a ddfast
@@ -57,8 +57,6 @@ from ddfast.models import (
 
 # The DiT paper's sizes: hidden width -> attention heads (a state dict does not record heads).
 HEADS_BY_HIDDEN = {1152: 16, 1024: 16, 768: 12, 384: 6}
-# Minimax and the paper put DiffFit scales in the first 14 blocks, whatever the depth.
-DIFFFIT_BLOCKS = 14
 WEIGHTS = ("ema", "model")
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
@@ -126,14 +124,10 @@ def _heads(hidden: int, args: dict, heads: int | None, path) -> int:
                      f"its weights do not say how many attention heads it has; pass heads=N")
 
 
-def _gamma_names(state: dict) -> dict[int, list[str]]:
-    """Block index -> names of that block's DiffFit scales in an original-layout state dict."""
-    found: dict[int, list[str]] = {}
-    for name in state:
-        m = _BLOCK.match(name)
-        if m and "gamma" in name.rsplit(".", 1)[-1]:
-            found.setdefault(int(m.group(1)), []).append(name)
-    return found
+def _gamma_blocks(state: dict) -> list[int]:
+    """The blocks that hold DiffFit scales in an original-layout state dict, sorted."""
+    return sorted({int(m.group(1)) for name in state
+                   if (m := _BLOCK.match(name)) and "gamma" in name.rsplit(".", 1)[-1]})
 
 
 # Where each DiffFit scale of Minimax / the paper multiplies (their models.py), as (name within
@@ -162,10 +156,14 @@ def original_to_ddfast(state: dict[str, torch.Tensor], *, heads: int | None = No
     dit = make_dit(depth=depth, hidden=hidden, heads=_heads(hidden, args, heads, path),
                    patch=patch, in_channels=in_channels, out_channels=out_channels,
                    sample_size=grid * patch, num_classes=classes)
+    pairs = [*_pairs(depth), _TABLE]
+    qkv = [f"blocks.{i}.attn.qkv.{kind}" for i in range(depth) for kind in ("weight", "bias")]
+    absent = [o for o, _ in pairs if o not in state] + [k for k in qkv if k not in state]
+    if absent:
+        raise ModelError(f"{path} lacks {len(absent)} weights of a depth-{depth} DiT, e.g. "
+                         f"{absent[:3]}: the file is truncated or not an original DiT")
     ours = dit.state_dict()
-    new: dict[str, torch.Tensor] = {}
-    for o, d in [*_pairs(depth), _TABLE]:
-        new[d] = state[o]
+    new: dict[str, torch.Tensor] = {d: state[o] for o, d in pairs}
     for i in range(depth):
         for kind in ("weight", "bias"):
             q, k, v = state[f"blocks.{i}.attn.qkv.{kind}"].chunk(3, dim=0)  # (H, ...) each
@@ -176,8 +174,8 @@ def original_to_ddfast(state: dict[str, torch.Tensor], *, heads: int | None = No
             state["pos_embed"].float(), table, atol=1e-5):
         raise ModelError(f"{path}: its fixed position table differs from DiT's sin-cos table of a "
                          f"{grid}x{grid} grid; the file is not an original DiT")
-    extra = [k for k in state if k not in {o for o, _ in _pairs(depth)} | {_TABLE[0], "pos_embed"}
-             and ".attn.qkv." not in k and "gamma" not in k.rsplit(".", 1)[-1]]
+    known = {o for o, _ in pairs} | set(qkv) | {"pos_embed"}
+    extra = [k for k in state if k not in known and "gamma" not in k.rsplit(".", 1)[-1]]
     if extra:
         raise ModelError(f"{path} holds weights that the original DiT does not have: {extra[:4]}")
     for name, t in new.items():
@@ -193,10 +191,9 @@ def original_to_ddfast(state: dict[str, torch.Tensor], *, heads: int | None = No
 
 
 def _attach_gammas(dit: DiTTransformer2DModel, state: dict, path) -> None:
-    gammas = _gamma_names(state)
-    if not gammas:
+    blocks = _gamma_blocks(state)
+    if not blocks:
         return
-    blocks = sorted(gammas)
     if blocks != list(range(len(blocks))):
         raise ModelError(f"{path}: DiffFit scales in blocks {blocks}, expected the first blocks")
     apply_difffit(dit, scale_blocks=len(blocks))

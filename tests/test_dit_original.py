@@ -224,6 +224,11 @@ def test_original_files_are_checked(tmp_path):
     bad = dict(sd, pos_embed=sd["pos_embed"] + 1)
     with pytest.raises(ModelError, match="position table"):
         original_to_ddfast(bad, heads=HEADS)
+    truncated = {k: v for k, v in sd.items() if not k.startswith("blocks.1.mlp")}
+    with pytest.raises(ModelError, match="lacks 4 weights of a depth-3 DiT"):
+        original_to_ddfast(truncated, heads=HEADS)
+    with pytest.raises(ModelError, match="does not have"):
+        original_to_ddfast(dict(sd, **{"blocks.0.attn.extra": sd["pos_embed"]}), heads=HEADS)
     with pytest.raises(ModelError, match="does not exist"):
         load_original(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

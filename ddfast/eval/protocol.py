@@ -427,6 +427,7 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
     (network, repeat) runs to the ranks in turn and gathers them: every rank returns the result.
     """
     proto = get_protocol(protocol)
+    dsa_mode = dsa_mode or proto.dsa_mode
     networks = (networks,) if isinstance(networks, str) else tuple(networks)
     networks = networks or proto.networks
     batch_size = proto.batch_size if batch_size is None else batch_size
@@ -458,7 +459,7 @@ def evaluate(train_x, train_y, test_x, test_y, *, networks, repeats: int, epochs
            "num_test": int(test.shape[0]), "num_classes": num_classes, "resolution": size,
            "std": "population (ddof=0, as IDC)", "accuracy": "percent", "augment": proto.augment,
            "flip": flip, "dataset": dataset,
-           "dsa_mode": (dsa_mode or proto.dsa_mode) if proto.augment == "dsa" else None,
+           "dsa_mode": dsa_mode if proto.augment == "dsa" else None,
            "networks": {}}
     jobs = [(k, r) for k in range(len(networks)) for r in range(repeats)]
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
