@@ -69,37 +69,36 @@ def _(x: Tensor, labels: Tensor, items: Tensor, counts: Tensor, largest: bool):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, _, items, _, _ = inputs
+    x, labels, items, _, _ = inputs
     _, arg_sample, arg_slot = output
-    ctx.save_for_backward(x, items, arg_sample, arg_slot)
+    ctx.save_for_backward(x, labels, items, arg_sample, arg_slot)
 
 
 def _backward(ctx, grad_values: Tensor, grad_arg_sample, grad_arg_slot):
-    """d cos(x_i, m) / d x_i at each class's extreme pair, scattered to its sample.
+    """d cos(x_i, m) / d x_i at each class's extreme pair, for the sample of that pair.
 
     With u = x / max(|x|, eps) and m_hat = m / max(|m|, eps): (m_hat - cos * u) / |x| when
-    |x| >= eps, m_hat / eps otherwise (the floor is then a constant).
+    |x| >= eps, m_hat / eps otherwise (the floor is then a constant). Computed per sample, not
+    per class: sample i gets gradient only when it is the extreme sample of its own class, so
+    the work is O(B D) however many classes the memories hold, with no host synchronisation.
     """
-    x, items, arg_sample, arg_slot = ctx.saved_tensors
+    x, labels, items, arg_sample, arg_slot = ctx.saved_tensors
     dtype = _value_dtype(x.dtype)
-    found = arg_sample >= 0  # (C,)
-    sample = arg_sample.clamp_min(0)  # (C,)
-    classes = torch.arange(items.shape[0], device=items.device)  # (C,)
-    xs = x.detach()[sample].to(dtype)  # (C, D)
-    m = items.detach()[classes, arg_slot.clamp_min(0)].to(dtype)  # (C, D)
-    x_norm = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)  # (C, 1)
-    m_hat = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(COS_EPS)  # (C, D)
-    u = xs / x_norm.clamp_min(COS_EPS)  # (C, D)
-    cos = (u * m_hat).sum(-1, keepdim=True)  # (C, 1)
+    if x.shape[0] == 0:
+        return torch.zeros(x.shape, dtype=x.dtype, device=x.device), None, None, None, None
+    rows = torch.arange(x.shape[0], device=x.device)  # (B,)
+    chosen = arg_sample[labels] == rows  # (B,) the extreme sample of its class
+    slot = arg_slot[labels].clamp_min(0)  # (B,)
+    xs = x.detach().to(dtype)  # (B, D)
+    m = items.detach()[labels, slot].to(dtype)  # (B, D)
+    x_norm = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)  # (B, 1)
+    m_hat = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(COS_EPS)  # (B, D)
+    u = xs / x_norm.clamp_min(COS_EPS)  # (B, D)
+    cos = (u * m_hat).sum(-1, keepdim=True)  # (B, 1)
     grad = torch.where(x_norm >= COS_EPS, (m_hat - cos * u) / x_norm.clamp_min(COS_EPS),
-                       m_hat / COS_EPS)  # (C, D)
-    scale = torch.where(found, grad_values.to(dtype), 0.0).unsqueeze(1)  # (C, 1)
-    # Each sample has one class, so distinct found classes never share a row: the sum is exact
-    # and order-free; classes without a pair add zeros to row 0.
-    grad_x = torch.zeros(x.shape, dtype=dtype, device=x.device)  # (B, D)
-    if x.shape[0]:
-        grad_x = grad_x.index_add(0, sample, torch.where(found.unsqueeze(1), grad * scale, 0.0))
-    return grad_x.to(x.dtype), None, None, None, None
+                       m_hat / COS_EPS)  # (B, D)
+    scale = torch.where(chosen, grad_values[labels].to(dtype), 0.0).unsqueeze(1)  # (B, 1)
+    return (grad * scale).to(x.dtype), None, None, None, None
 
 
 class_extremes.register_autograd(_backward, setup_context=_setup_context)
