@@ -15,82 +15,12 @@ from ddfast import _ext, backend, perf
 from ddfast.errors import ConfigError
 from ddfast.memory import minimax_terms
 from ddfast.ops import class_extremes
+from ddfast.parity import LAMBDAS, check_extremes, check_ties, extremes_case, tie_case
 from ddfast.ref import class_extremes_ref, minimax_terms_ref
 
-LAMBDAS = {"lambda_r": 0.5, "lambda_g": 0.25}
-
-
-def memory(num_classes, slots, dim, counts, gen):
-    """Random items of varied norms, slots past each count held at zero (as ClassMemory does)."""
-    items = torch.randn(num_classes, slots, dim, generator=gen)
-    items *= torch.rand(num_classes, slots, 1, generator=gen) * 4 + 0.1
-    used = torch.arange(slots).unsqueeze(0) < counts.unsqueeze(1)  # (C, N)
-    return torch.where(used.unsqueeze(-1), items, 0.0)
-
-
-def random_case(batch, num_classes, slots, dim, dtype, seed):
-    """A batch missing class num_classes - 1, with an empty real memory for class 1 and an
-    empty generated memory for class 2; other counts random in [1, slots]."""
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(batch, dim, generator=gen) * 30).to(dtype)
-    labels = torch.randint(0, num_classes - 1, (batch,), generator=gen)
-    labels[:3] = torch.tensor([0, 1, 2])
-    real_counts = torch.randint(1, slots + 1, (num_classes,), generator=gen)
-    gen_counts = torch.randint(1, slots + 1, (num_classes,), generator=gen)
-    real_counts[1] = 0
-    gen_counts[2] = 0
-    real = memory(num_classes, slots, dim, real_counts, gen)
-    fake = memory(num_classes, slots, dim, gen_counts, gen)
-    return x, labels, real, real_counts, fake, gen_counts
-
-
-def _near_tie_rows(x, labels, items, counts, largest, got, want, atol):
-    """Rows whose gradients may legitimately differ: classes where the two pairs differ, which
-    must then be near-ties of the reference's cosines (else the pair is wrong)."""
-    _, got_s, got_j = got
-    want_v, want_s, want_j = want
-    rows = set()
-    for c in torch.nonzero((got_s != want_s) | (got_j != want_j)).flatten().tolist():
-        assert got_s[c] >= 0 and want_s[c] >= 0, f"class {c}: pair found by only one side"
-        i, j = int(got_s[c]), int(got_j[c])
-        xi = x[i].double() / x[i].double().norm().clamp_min(1e-8)
-        m = items[c, j].double() / items[c, j].double().norm().clamp_min(1e-8)
-        gap = abs(float(xi @ m) - float(want_v[c]))
-        assert gap <= atol, f"class {c}: pair ({i}, {j}) is {gap:.3g} from the extreme"
-        rows |= {i, int(want_s[c])}
-    return rows
-
-
-def check_parity(x, labels, real, real_counts, fake, gen_counts, *, accumulate_bug=False):
-    """Op pairs against class_extremes_ref; minimax_terms values and grad of x against the ref."""
-    value_atol = 2e-6 if x.dtype == torch.float32 else 1e-5
-    skip_rows = set()
-    for items, counts, largest in ((real, real_counts, False), (fake, gen_counts, True)):
-        got = torch.ops.ddfast.class_extremes(x, labels, items, counts, largest)
-        want = class_extremes_ref(x, labels, items, counts, largest)
-        assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.int64
-        torch.testing.assert_close(got[0], want[0], rtol=0, atol=value_atol)
-        skip_rows |= _near_tie_rows(x, labels, items, counts, largest, got, want, value_atol)
-    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    got = minimax_terms(xg, labels, real, real_counts, fake, gen_counts,
-                        accumulate_bug=accumulate_bug, **LAMBDAS)
-    want = minimax_terms_ref(xr, labels, real, real_counts, fake, gen_counts,
-                             accumulate_bug=accumulate_bug, **LAMBDAS)
-    for name in ("total", "rep", "div"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0,
-                                   atol=value_atol, msg=lambda m, n=name: f"{n}: {m}")
-    got.total.backward()
-    want.total.backward()
-    keep = [i for i in range(x.shape[0]) if i not in skip_rows]
-    g, w = xg.grad[keep].float(), xr.grad[keep].float()
-    scale = float(w.abs().max().clamp_min(1e-30))
-    rtol = 1e-4 if x.dtype == torch.float32 else 1.6e-2
-    err = (g - w).abs()
-    if err.numel():
-        worst = divmod(int(err.argmax()), g.shape[1])
-        assert float(err.max()) <= rtol * scale, f"grad differs most at (row, col) {worst}"
-    # Only the samples of the extreme pairs get gradient.
-    assert torch.equal(xg.grad.float().abs().sum(1) > 0, xr.grad.float().abs().sum(1) > 0)
+# The cases and checks live in ddfast.parity, shared with ``python -m ddfast.check``.
+random_case = extremes_case
+check_parity = check_extremes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -111,30 +41,10 @@ def test_parity_large_memory_cpp(monkeypatch, one_thread):
     check_parity(*random_case(6, 4, 4096, 96, torch.float32, seed=7))
 
 
-def tie_case(largest_pair_first):
-    """Class 0 holds two exact copies of the extreme item (slots 1 and 3), and samples 1 and 3
-    are exact copies of each other: the pair (1, 1) must win over (1, 3), (3, 1) and (3, 3)."""
-    gen = torch.Generator().manual_seed(1)
-    dim = 64
-    x = torch.randn(5, dim, generator=gen)
-    x[3] = x[1]
-    labels = torch.tensor([0, 0, 1, 0, 1])
-    counts = torch.tensor([5, 4])
-    items = memory(2, 5, dim, counts, gen) * 0.01  # weak cosines
-    sign = 1.0 if largest_pair_first else -1.0
-    items[0, 1] = items[0, 3] = sign * 3.0 * x[1]  # cos = +-1 with samples 1 and 3
-    return x, labels, items, counts
-
-
 @pytest.mark.parametrize("largest", [True, False], ids=["max", "min"])
 def test_exact_ties_go_to_first_pair(use_backend, largest):
+    check_ties(largest)
     x, labels, items, counts = tie_case(largest)
-    values, arg_sample, arg_slot = torch.ops.ddfast.class_extremes(x, labels, items, counts,
-                                                                   largest)
-    assert (int(arg_sample[0]), int(arg_slot[0])) == (1, 1)
-    assert values[0].item() == pytest.approx(1.0 if largest else -1.0, abs=1e-6)
-    want = class_extremes_ref(x, labels, items, counts, largest)
-    assert torch.equal(arg_sample, want[1]) and torch.equal(arg_slot, want[2])
     # Gradient: sample 1 alone, as the reference now gives it.
     real, fake = (items * 0.5, items) if largest else (items, items * 0.5)
     xg = x.clone().requires_grad_()

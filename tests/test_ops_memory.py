@@ -14,6 +14,7 @@ from conftest import BACKENDS, skip_unless_backend_runs
 from ddfast import _ext, perf
 from ddfast.memory import ClassMemory
 from ddfast.ops import insert_memory, prune_adaptive
+from ddfast.parity import check_insert, insert_case, memory, rows
 from ddfast.ref import (
     COS_EPS,
     insert_adaptive_ref,
@@ -29,18 +30,6 @@ def use_cpp(monkeypatch):
     monkeypatch.setenv("DDFAST_BACKEND", "cpp")
 
 
-def rows(num, dim, gen):
-    """Random rows of varied norms (never zero)."""
-    return torch.randn(num, dim, generator=gen) * (torch.rand(num, 1, generator=gen) * 4 + 0.1)
-
-
-def memory(num_classes, slots, dim, counts, gen):
-    """Random items with the slots past each count held at zero (as ClassMemory does)."""
-    items = rows(num_classes * slots, dim, gen).view(num_classes, slots, dim)
-    used = torch.arange(slots).unsqueeze(0) < counts.unsqueeze(1)  # (C, N)
-    return torch.where(used.unsqueeze(-1), items, 0.0)
-
-
 def reference(items, counts, new_items, labels, adaptive):
     want_items, want_counts = items.clone(), counts.clone()
     (insert_adaptive_ref if adaptive else insert_fifo_ref)(want_items, want_counts, new_items,
@@ -48,26 +37,7 @@ def reference(items, counts, new_items, labels, adaptive):
     return want_items, want_counts
 
 
-def check_insert(items, counts, new_items, labels, adaptive):
-    """Insert through the op (in place) and compare with the reference on copies."""
-    want_items, want_counts = reference(items, counts, new_items, labels, adaptive)
-    insert_memory(items, counts, new_items, labels, adaptive)
-    assert torch.equal(counts, want_counts)
-    assert torch.equal(items, want_items)
-
-
-def random_insert_case(num_classes, slots, dim, batch, seed):
-    """Memories with random counts (class 0 empty, class 1 full), a batch that never holds the
-    last class and always holds classes 0 and 1."""
-    gen = torch.Generator().manual_seed(seed)
-    counts = torch.randint(0, slots + 1, (num_classes,), generator=gen)
-    counts[0] = 0
-    if num_classes > 2:
-        counts[1] = slots
-    items = memory(num_classes, slots, dim, counts, gen)
-    labels = torch.randint(0, max(num_classes - 1, 1), (batch,), generator=gen)
-    labels[: min(2, batch, num_classes)] = torch.arange(min(2, batch, num_classes))
-    return items, counts, rows(batch, dim, gen), labels
+random_insert_case = insert_case  # shared with python -m ddfast.check (ddfast.parity)
 
 
 # ---------------------------------------------------------------- insertion parity
