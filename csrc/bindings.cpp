@@ -33,8 +33,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ddfast compiled memory-bank operations (raw pointers in, no torch needed to build)";
 #ifdef DDFAST_WITH_CUDA
   m.attr("has_cuda") = true;
+  m.attr("cuda_archs") = DDFAST_CUDA_ARCHS;  // CMAKE_CUDA_ARCHITECTURES, comma-separated
 #else
   m.attr("has_cuda") = false;
+  m.attr("cuda_archs") = "";
 #endif
 
   m.def(

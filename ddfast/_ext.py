@@ -34,6 +34,14 @@ def has_cuda() -> bool:
     return available() and bool(_module().has_cuda)
 
 
+def cuda_archs() -> list[str]:
+    """The CUDA architectures the compiled module was built for, as CMake names them ("80",
+    "90-real", "90-virtual"); empty without CUDA kernels."""
+    if not has_cuda():
+        return []
+    return [a for a in str(getattr(_module(), "cuda_archs", "")).split(",") if a]
+
+
 def _require():
     mod = _module()
     if isinstance(mod, ImportError):
