@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 
+if __name__ == "kernels":
+    # Reached as a top-level package: the checkout's root is on sys.path (an editable install
+    # puts it there, as does running Python from the checkout). The name belongs to another
+    # distribution, so behave as if this folder were not there.
+    raise ModuleNotFoundError("No module named 'kernels' (ddfast's Triton kernels import as "
+                              "ddfast.kernels)", name="kernels")
+
 
 def available() -> bool:
     """True when Triton can be imported."""

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +53,18 @@ def test_the_readme_example_runs(tmp_path):
     terms = bank.loss(x0_hat, labels)
     terms.total.backward()
     assert float(terms.total) > 0 and x0_hat.grad.abs().sum() > 0
+
+
+def test_kernels_import_only_as_ddfast_kernels(tmp_path):
+    """With the checkout's root on sys.path (an editable install puts it there, as does Python
+    started in the checkout) the top-level name `kernels`, which another distribution owns,
+    stays free; the Triton kernels import as ddfast.kernels."""
+    root = str(Path(__file__).resolve().parents[1])  # the checkout
+    probe = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+             "import ddfast.kernels\n"
+             "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
+             "    print('free', e.name)\nelse:\n    print('taken', kernels.__file__)\n")
+    out = subprocess.run([sys.executable, "-c", probe, root], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["free", "kernels"]
