@@ -35,6 +35,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    forced: bool = False  # DDFAST_DDP=1: the process-group path even for one process
 
     @staticmethod
     def single() -> Dist:
@@ -43,20 +44,26 @@ class Dist:
     @staticmethod
     def from_env(device_type: str = "cpu", timeout_s: float = 1800.0) -> Dist:
         """Join the process group described by torchrun's environment (RANK, WORLD_SIZE,
-        LOCAL_RANK, MASTER_ADDR, MASTER_PORT); one process when WORLD_SIZE is unset or 1."""
+        LOCAL_RANK, MASTER_ADDR, MASTER_PORT); one process when WORLD_SIZE is unset or 1,
+        unless ``DDFAST_DDP=1`` asks for the DDP path even then (``python -m ddfast.check``
+        tests it that way on one GPU)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        if world <= 1 and os.environ.get("DDFAST_DDP") != "1":
             return Dist.single()
+        if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+            raise ConfigError(f"WORLD_SIZE={world} (or DDFAST_DDP=1) needs torchrun's environment "
+                              "(RANK, MASTER_ADDR): start the job with `torchrun --standalone "
+                              "--nproc_per_node N -m ddfast.train ...`")
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         if not dist.is_initialized():
             backend = "nccl" if device_type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        return Dist(rank, world, local_rank)
+        return Dist(rank, world, local_rank, forced=world <= 1)
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.forced
 
     @property
     def main(self) -> bool:

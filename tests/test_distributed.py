@@ -292,3 +292,17 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step(tmp_path):
     for rank in (0, 1):
         assert "stopped by SIGTERM after step 3/6" in (folder / f"rank{rank}.txt").read_text()
     assert load_checkpoint(folder / "ckpt.safetensors")["step"] == 3
+
+
+def test_ddp_on_one_process_needs_torchrun(monkeypatch):
+    """DDFAST_DDP=1 forces the process-group path for one process (ddfast.check runs the job
+    that way); outside torchrun it says how to start the job instead of failing on a KeyError."""
+    from ddfast.errors import ConfigError
+
+    monkeypatch.setenv("DDFAST_DDP", "1")
+    for var in ("RANK", "MASTER_ADDR", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match="torchrun"):
+        Dist.from_env()
+    monkeypatch.delenv("DDFAST_DDP")
+    assert not Dist.from_env().active
