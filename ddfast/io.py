@@ -25,6 +25,20 @@ from ddfast.config import NON_RESULT_KEYS
 from ddfast.errors import OutputError
 
 
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file: 0o666 less the process umask (mkstemp
+    makes its files 0o600, which would leave every output readable by its owner alone)."""
+    global _MODE
+    if _MODE is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        _MODE = 0o666 & ~umask
+    return _MODE
+
+
+_MODE: int | None = None
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path = Path(path)
     try:
@@ -36,6 +50,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
                           f"writable output folder with --out") from exc
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -101,3 +101,17 @@ def test_damaged_checkpoint_names_the_fix(tmp_path):
     path.write_bytes(b"\x00" * 10)
     with pytest.raises(OutputError, match="--overwrite"):
         load_checkpoint(path)
+
+
+def test_outputs_get_the_mode_plain_files_get(tmp_path):
+    """Atomic writes go through a private temporary file; the result must still be as readable
+    as a file written with open() under the same umask."""
+    import os
+
+    from ddfast.io import write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    (tmp_path / "b.txt").write_text("plain")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == \
+        (tmp_path / "b.txt").stat().st_mode & 0o777
+    assert os.access(tmp_path / "a.json", os.R_OK)
