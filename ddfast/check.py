@@ -174,8 +174,8 @@ class Checker:
                   hint="pass --device cpu, or install a CUDA build of torch")
         self.item("environment", "compiled extension", self._extension,
                   hint="reinstall from the checkout: `pip install .` (nvcc on PATH for the CUDA "
-                       "kernels; add `-C cmake.define.CMAKE_CUDA_ARCHITECTURES=<XY>` for this "
-                       "device's sm_XY)")
+                       "kernels; `CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=<XY> pip install .` "
+                       "for this device's sm_XY)")
         for op in OPS:
             self.item("environment", f"backend {op}", lambda op=op: self._backend(op),
                       hint="build the extension (`pip install .`) and, on a GPU, install Triton; "

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The whole GPU verification of ddfast in one call, inside a fixed time budget.
+#
+#   bash bench/gpu.sh OUT_DIR            # on a CUDA machine, from the checkout's root
+#   DDFAST_GPU_DRY_RUN=1 bash bench/gpu.sh /tmp/gpu-dry   # anywhere: the CUDA parts skip
+#
+# Steps, most valuable first; each gets what is left of the budget (DDFAST_GPU_BUDGET seconds,
+# default 450) and a failed or timed-out step never stops the next:
+#   1. install the wheels under ${DDFAST_WHEELS:-.whl} (packages the machine lacks: see
+#      bench/gpu-wheels.txt) into a private folder on PYTHONPATH;
+#   2. build and install ddfast for sm_90 (CMAKE_CUDA_ARCHITECTURES, default 90), CUDA kernels
+#      required;
+#   3. python -m ddfast.check --quick: environment, parity at D 4096 (N 64), eager speed, and
+#      the end-to-end job under torchrun;
+#   4. pytest tests/test_ops_gpu.py tests/test_train_gpu.py;
+#   5. python -m ddfast.check --sections speed,end-to-end: the compiled step, CUDA graphs in
+#      sampling, and N 4096 parity (--sections parity);
+#   6. pytest bench --benchmark-only, then bench/summarize.py.
+# Everything lands in OUT_DIR (at most 8 files, none nested): gpu.log (every step's output),
+# steps.json (exit status and seconds of each step), check-quick.json, check-full.json,
+# tests.xml, bench.json and bench.md. Exit status: 0 when every step passed.
+set -uo pipefail
+
+out=${1:-${OUT:-}}
+if [ -z "$out" ]; then
+  echo "usage: bash bench/gpu.sh OUT_DIR" >&2
+  exit 2
+fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+repo=$(cd "$(dirname "$0")/.." && pwd)
+budget=${DDFAST_GPU_BUDGET:-450}
+archs=${CMAKE_CUDA_ARCHITECTURES:-90}
+dry=${DDFAST_GPU_DRY_RUN:-0}
+wheels=${DDFAST_WHEELS:-$repo/.whl}
+py=${PYTHON:-python3}
+started=$(date +%s)
+device=cuda
+if [ "$dry" = 1 ]; then
+  device=cpu
+fi
+: >"$out/gpu.log"
+echo "[" >"$out/steps.json"
+first=1
+failed=0
+
+log() { echo "[gpu.sh $(date -u +%H:%M:%S)] $*" | tee -a "$out/gpu.log"; }
+
+# step NAME CAP_SECONDS COMMAND...: run in /tmp (so the source tree's ddfast, which has no
+# compiled module, never shadows the installed one), with min(CAP, budget left) seconds.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((budget - ($(date +%s) - started)))
+  local limit=$((cap < left ? cap : left))
+  local rc t0
+  t0=$(date +%s)
+  if [ "$limit" -le 5 ]; then
+    log "$name: skipped, the budget is spent"
+    rc=124
+  else
+    log "$name: start (limit ${limit} s)"
+    (cd /tmp && PYTHONUNBUFFERED=1 timeout --kill-after=10 "$limit" "$@") >>"$out/gpu.log" 2>&1
+    rc=$?
+    log "$name: exit $rc after $(($(date +%s) - t0)) s"
+  fi
+  [ "$rc" -ne 0 ] && failed=1
+  [ "$first" = 1 ] || echo "," >>"$out/steps.json"
+  first=0
+  printf '  {"step": "%s", "exit": %d, "seconds": %d, "limit": %d}' "$name" "$rc" \
+    "$(($(date +%s) - t0))" "$limit" >>"$out/steps.json"
+}
+
+log "ddfast GPU verification: $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown), budget ${budget} s, device $device, archs $archs"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$out/gpu.log" 2>&1 || true
+
+# 1. Wheels the machine lacks.
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  site=/tmp/ddfast-site
+  step wheels 120 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$site" "$wheels"/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# 2. Build for this GPU, CUDA kernels required (a build without them fails here, not later).
+step build 240 "$py" -m pip install -q --no-deps --no-build-isolation --no-cache-dir \
+  -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$archs" -C cmake.define.DDFAST_CUDA=ON "$repo"
+
+# 3. The quick self-check: every section, no compiler.
+step check-quick 200 "$py" -m ddfast.check --device "$device" --quick --json "$out/check-quick.json"
+
+# 4. The GPU tests (they skip without a CUDA device).
+step tests 150 "$py" -m pytest -q -p no:cacheprovider --rootdir "$repo" -c "$repo/pyproject.toml" \
+  --junitxml "$out/tests.xml" "$repo/tests/test_ops_gpu.py" "$repo/tests/test_train_gpu.py"
+
+# 5. The compiled paths and the large memory.
+step check-full 240 "$py" -m ddfast.check --device "$device" --sections parity,speed,end-to-end \
+  --json "$out/check-full.json"
+
+# 6. The benchmarks and their table.
+step bench 240 "$py" -m pytest -q -p no:cacheprovider --rootdir "$repo" -c "$repo/pyproject.toml" \
+  "$repo/bench" --benchmark-only --benchmark-json "$out/bench.json"
+if [ -s "$out/bench.json" ]; then
+  step summarize 30 sh -c "'$py' '$repo/bench/summarize.py' '$out/bench.json' >'$out/bench.md'"
+fi
+
+echo "" >>"$out/steps.json"
+echo "]" >>"$out/steps.json"
+log "done in $(($(date +%s) - started)) s; $([ "$failed" = 0 ] && echo 'every step passed' || echo 'some step failed: see steps.json and gpu.log')"
+exit "$failed"
