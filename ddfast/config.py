@@ -101,6 +101,7 @@ class EvalConfig:
     repeats: int = 3  # runs per network with distinct seeds
     epochs: int = 0  # 0 = the protocol's (small 1000, dc 1001, imagenet-subset by IPC)
     batch_size: int = 0  # classifier training batch; 0 = the protocol's (64; dc 256)
+    baseline: bool = True  # also evaluate the first IPC real images per class (cached per data)
 
 
 @dataclass(frozen=True)

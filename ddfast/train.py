@@ -12,6 +12,7 @@ uninterrupted one would.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import signal
@@ -375,6 +376,9 @@ def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: P
         done = out / f"ipc{ipc}" / "results.json"
         if done.is_file():
             records.append(json.loads(done.read_text()))
+            if cfg.eval.baseline:
+                records.append(random_real_record(cfg, source, test_x, test_source.labels, ipc,
+                                                  device, progress, dist))
             continue
         x, y, names = load_folder_set(distilled, ipc=ipc)
         if list(names) != list(source.class_names):
@@ -393,10 +397,87 @@ def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: P
         dist.barrier()
         if not dist.main:
             records.append(json.loads(done.read_text()))
+        if cfg.eval.baseline:
+            records.append(random_real_record(cfg, source, test_x, test_source.labels, ipc,
+                                              device, progress, dist))
     table = merge_tables(records)
+    if cfg.eval.baseline:
+        table += ("\n" + RANDOM_REAL + ": the first IPC real training images of each class "
+                  "under the same recipe; a distilled set must beat it to be of use.\n")
+        lines = beat_lines(records)
+        for line in lines:
+            log(line)
+        table += "".join(f"\n- {line.removeprefix('[eval] ')}" for line in lines) + "\n"
     if dist.main:
         write_text(out / "results.md", table)
     return table
+
+
+RANDOM_REAL = "random real"
+
+
+def random_real_record(cfg: Config, source, test_x: torch.Tensor, test_y: torch.Tensor,
+                       ipc: int, device: torch.device, progress: bool,
+                       dist: Dist | None = None) -> dict:
+    """The random-real baseline of one IPC: the first ``ipc`` real images of each class, trained
+    and tested exactly as the distilled set is. Cached per data set and recipe (outside the run
+    folder, beside the latent cache), so every run on the same data reuses it."""
+    from dataclasses import asdict
+
+    from ddfast.data.cache import default_cache_dir
+    from ddfast.eval import evaluate, load_source_set
+    from ddfast.eval.protocol import get_protocol
+
+    dist = dist or Dist.single()
+    e = cfg.eval
+    key = {"source": source.fingerprint(), "test": len(test_y), "ipc": ipc,
+           "recipe": asdict(get_protocol(e.protocol)), "networks": list(e.networks),
+           "repeats": e.repeats, "epochs": e.epochs, "batch_size": e.batch_size,
+           "seed": cfg.run.seed, "dataset": cfg.data.source, "device": device.type}
+    key = json.loads(json.dumps(key))  # as it reads back from the cache (tuples -> lists)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+    path = folder / "baselines" / f"random-real-{digest}.json"
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+            if record.get("key") == key:
+                log(f"[eval] IPC {ipc}: {RANDOM_REAL} baseline from {path}")
+                return record
+        except (OSError, ValueError):
+            pass  # unreadable: evaluate again and replace it
+    log(f"[eval] IPC {ipc}: {RANDOM_REAL} baseline, {', '.join(e.networks)} x {e.repeats} "
+        f"(cached afterwards in {path.parent})")
+    x, y, _ = load_source_set(source, ipc)
+    result = evaluate(x, y, test_x, test_y, networks=e.networks, repeats=e.repeats,
+                      epochs=e.epochs, protocol=e.protocol, device=device, seed=cfg.run.seed,
+                      batch_size=e.batch_size or None, progress=progress, dist=dist,
+                      dataset=cfg.data.source)
+    record = {**result, "method": RANDOM_REAL, "ipc": ipc, "key": key}
+    if dist.main:
+        try:
+            write_json(path, record)
+        except DdfastError as exc:  # a read-only cache costs a recomputation, not the run
+            log(f"[eval] could not cache the baseline ({exc})")
+    return record
+
+
+def beat_lines(records: list[dict]) -> list[str]:
+    """One line per (IPC, network): the method's best mean against the random-real one."""
+    lines = []
+    base = {r["ipc"]: r for r in records if r["method"] == RANDOM_REAL}
+    for r in records:
+        if r["method"] == RANDOM_REAL or r["ipc"] not in base:
+            continue
+        for net, cell in r["networks"].items():
+            ref = base[r["ipc"]]["networks"].get(net)
+            if ref is None:
+                continue
+            gap = cell["best_mean"] - ref["best_mean"]
+            verdict = "beats" if gap > 0 else "does NOT beat"
+            lines.append(f"[eval] IPC {r['ipc']} {net}: {r['method']} {cell['best_mean']:.2f} % "
+                         f"{verdict} {RANDOM_REAL} {ref['best_mean']:.2f} % ({gap:+.2f})")
+    return lines
 
 
 def help_text() -> str:

@@ -17,6 +17,8 @@ if not torch.cuda.is_available():
 # installs, and a graph cached by another install of ddfast once aborted inside the compiled
 # insertion test. (ddfast.perf.compile still splits it by ATEN_CPU_CAPABILITY.)
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ddfast-inductor-"))
+# ddfast's own cache (latents, random-real baselines) likewise: never the user's.
+os.environ["DDFAST_CACHE"] = tempfile.mkdtemp(prefix="ddfast-cache-")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -136,6 +136,35 @@ def test_killed_run_resumes_to_identical_outputs(finished, tmp_path, monkeypatch
         assert got == want, f"{pattern} differs after resuming from a kill during {point}"
 
 
+def test_random_real_row_beside_the_method_and_cached(finished, tmp_path, capsys):
+    """The table of every run carries the random-real baseline of the same IPC and recipe,
+    evaluated on the first IPC real images per class and cached per data set and recipe."""
+    from ddfast.eval import evaluate, load_source_set
+
+    out, _ = finished
+    table = (out / "eval" / "results.md").read_text()
+    assert "| ours | 2 |" in table and "| random real | 2 |" in table
+    assert "IPC 2 convnet3: ours" in table and "random real" in table.splitlines()[-1]
+    # Its numbers are those of evaluate() on the first two real images of each class.
+    cfg = smoke(tmp_path / "x")
+    from ddfast.train import open_data
+
+    source, test = open_data(cfg, "train"), open_data(cfg, "test")
+    x, y, _ = load_source_set(source, 2)
+    want = evaluate(x, y, test.images(range(len(test))), test.labels, networks=("convnet3",),
+                    repeats=1, epochs=2, protocol="small", device="cpu", seed=0,
+                    dataset="digits")
+    best = want["networks"]["convnet3"]["best_mean"]
+    assert f"random real {best:.2f} %" in table
+    # A second run on the same data reads the baseline from the cache.
+    capsys.readouterr()
+    run(smoke(tmp_path / "again", **{"eval.repeats": "1"}))
+    assert "random real baseline from" in capsys.readouterr().out
+    # and eval.baseline false leaves it out
+    run(smoke(tmp_path / "none", **{"eval.baseline": "false", "objective.method": "dit"}))
+    assert "random real" not in (tmp_path / "none" / "eval" / "results.md").read_text()
+
+
 def test_baselines_dit_and_minimax(tmp_path):
     dit = run(smoke(tmp_path / "dit", **{"objective.method": "dit"}))
     assert dit["model"] is None and not (tmp_path / "dit" / "model").exists()
