@@ -128,8 +128,11 @@ def arch_support(archs: list[str], capability: tuple[int, int]) -> tuple[bool, s
 
 
 class Checker:
-    def __init__(self, device: torch.device, quick: bool, echo: bool = True) -> None:
+    def __init__(self, device: torch.device, quick: bool, echo: bool = True,
+                 json_path: Path | None = None) -> None:
         self.device = device
+        self.json_path = json_path  # rewritten after every check: a killed run keeps its results
+        self.began = time.perf_counter()
         self.cuda = device.type == "cuda"
         self.quick = quick
         self.sizes = GPU_SIZES if self.cuda else CPU_SIZES
@@ -160,7 +163,20 @@ class Checker:
         self.results.append(result)
         if self.echo:
             print(f"[check] {status:4}  {section:11} {name:38} {detail}", flush=True)
+        if self.json_path is not None:
+            self.write_json(self.json_path)
         return result
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(r.status == s for r in self.results) for s in ("pass", "fail", "skip")}
+
+    def write_json(self, path: Path) -> None:
+        from ddfast.io import write_json
+
+        took = round(time.perf_counter() - self.began, 1)
+        write_json(path, {"ddfast": __version__, "device": str(self.device), "quick": self.quick,
+                          "seconds": took, "counts": self.counts(),
+                          "results": [asdict(r) for r in self.results]})
 
     @property
     def failed(self) -> list[Result]:
@@ -578,25 +594,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    began = time.perf_counter()
-    checker = Checker(device, args.quick)
+    checker = Checker(device, args.quick, json_path=Path(args.json) if args.json else None)
     results = checker.run(sections)
     print()
     print(table(results))
     failed = checker.failed
-    took = time.perf_counter() - began
-    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
+    counts = checker.counts()
     print(f"\nddfast.check on {device}: {counts['pass']} passed, {counts['fail']} failed, "
-          f"{counts['skip']} skipped in {took:.0f} s")
+          f"{counts['skip']} skipped in {time.perf_counter() - checker.began:.0f} s")
     for r in failed:
         print(f"FAILED {r.section} / {r.name}: {r.detail}" + (f"\n  try: {r.hint}" if r.hint
                                                                else ""))
     if args.json:
-        from ddfast.io import write_json
-
-        write_json(Path(args.json), {"ddfast": __version__, "device": str(device),
-                                     "quick": args.quick, "seconds": round(took, 1),
-                                     "counts": counts, "results": [asdict(r) for r in results]})
+        checker.write_json(Path(args.json))
     return 1 if failed else 0
 
 
