@@ -74,6 +74,25 @@ def _plots(records: list[dict], plots: Path) -> list[tuple[str, str]]:
         write_bytes(plots / "memory.png", _figure_bytes(fig))
         plt.close(fig)
         written.append(("Diversity of each memory during fine-tuning", "plots/memory.png"))
+    pushed = [r for r in fine if "grad_diffusion" in r]
+    if pushed:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        steps = [r["step"] for r in pushed]
+        for key, label in (("grad_diffusion", "diffusion loss"), ("grad_rep", "representativeness"),
+                           ("grad_div", "diversity")):
+            values = [r[key] for r in pushed]
+            if any(v > 0 for v in values):
+                ax.plot(steps, values, marker=".", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("|d term / d model output|")
+        ax.set_title("how hard each term pushes the model")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        write_bytes(plots / "gradients.png", _figure_bytes(fig))
+        plt.close(fig)
+        written.append(("Gradient norm of each term at the end of each log interval",
+                        "plots/gradients.png"))
     return written
 
 

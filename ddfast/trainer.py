@@ -114,7 +114,8 @@ def objective(model, diffusion: Diffusion, z0: torch.Tensor, t: torch.Tensor,
     """The method's loss of one batch (method.md section 2), before any update.
 
     Returns the scalar loss to differentiate, the (5,) detached diffusion loss, mse, vb, rep,
-    div, and x0_hat (B, D) with its gradient. The model runs under bf16 autocast when
+    div, x0_hat (B, D) with its gradient, and the model's output detached (for
+    ``term_grad_norms``). The model runs under bf16 autocast when
     ``precision`` is "bf16"; the diffusion and memory terms stay float32. With ``dist`` the
     memory terms are the global batch's and count ``dist.world`` times, since DDP averages the
     gradients over ranks. ``torch.compile`` traces all of it, the memory ops included.
@@ -132,14 +133,42 @@ def objective(model, diffusion: Diffusion, z0: torch.Tensor, t: torch.Tensor,
         loss = loss + mm.total * (dist.world if dist is not None else 1)
         rep, div = mm.rep.sum(), mm.div.sum()
     logged = torch.stack([diffusion_loss, terms["mse"].mean(), terms["vb"].mean(), rep, div])
-    return loss, logged.detach(), x0_flat
+    return loss, logged.detach(), x0_flat, out.detach()
+
+
+def term_grad_norms(out: torch.Tensor, diffusion: Diffusion, z0: torch.Tensor, t: torch.Tensor,
+                    noise: torch.Tensor, labels: torch.Tensor, bank: MemoryBank, lambda_r: float,
+                    lambda_g: float, accumulate_bug: bool,
+                    dist: Dist | None = None) -> torch.Tensor:
+    """(3,) detached: the norm of the gradient of the diffusion loss, of the representativeness
+    term and of the diversity term with respect to the model's output ``out`` (B, 2c, h, w).
+
+    Every term reaches the parameters through that output, so the three norms say how hard each
+    term pushes the model. The loss heads are recomputed here from ``out`` (before the memories
+    are updated), which costs no model pass, works the same whether the objective was compiled
+    or not, and gives DDP nothing to reduce. A term without a pair (empty memories) has norm 0.
+    """
+    out = out.detach().float().requires_grad_()
+    z_t = diffusion.q_sample(z0, t, noise)
+    terms = diffusion.training_losses(out, z0, z_t, t, noise)
+    mm = bank.loss(terms["x0_hat"].flatten(1), labels, lambda_r=lambda_r, lambda_g=lambda_g,
+                   accumulate_bug=accumulate_bug, dist=dist)
+    norms = []
+    for term in (terms["loss"].mean(), mm.rep.sum(), mm.div.sum()):
+        grad = None
+        if term.requires_grad:
+            (grad,) = torch.autograd.grad(term, out, retain_graph=True, allow_unused=True)
+        norms.append(torch.zeros((), device=out.device) if grad is None
+                     else torch.linalg.vector_norm(grad))
+    return torch.stack(norms).detach()
 
 
 def train_step(model, opt: torch.optim.Optimizer, ema: EMA, diffusion: Diffusion,
                z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
                labels: torch.Tensor, *, bank: MemoryBank | None = None, lambda_r: float = 0.0,
                lambda_g: float = 0.0, accumulate_bug: bool = False, precision: str = "fp32",
-               loss_fn=objective, dist: Dist | None = None) -> torch.Tensor:
+               loss_fn=objective, dist: Dist | None = None,
+               grad_norms: torch.Tensor | None = None) -> torch.Tensor:
     """One optimiser step of the objective; nothing in it waits for the device.
 
     model(z_t, timestep=, class_labels=, return_dict=False) is the DiT (DDP-wrapped under
@@ -147,9 +176,13 @@ def train_step(model, opt: torch.optim.Optimizer, ema: EMA, diffusion: Diffusion
     labels (B,) dataset classes: this rank's slice of the global batch. ``loss_fn`` is
     ``objective`` or its compiled form. With a bank the memory terms join the loss before the
     memories are updated. Returns (5,) detached, the global batch's: loss, mse, vb, rep, div.
+    ``grad_norms`` (3,), when given, receives ``term_grad_norms`` of this batch (this rank's).
     """
-    loss, logged, x0_flat = loss_fn(model, diffusion, z0, t, noise, y, labels, bank, lambda_r,
-                                    lambda_g, accumulate_bug, precision, dist)
+    loss, logged, x0_flat, out = loss_fn(model, diffusion, z0, t, noise, y, labels, bank,
+                                         lambda_r, lambda_g, accumulate_bug, precision, dist)
+    if grad_norms is not None and bank is not None:
+        grad_norms.copy_(term_grad_norms(out, diffusion, z0, t, noise, labels, bank, lambda_r,
+                                         lambda_g, accumulate_bug, dist))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -231,6 +264,7 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
         dist.barrier()
 
     sums = torch.zeros(5, device=device)  # loss, mse, vb, rep, div over the log window
+    norms = torch.zeros(3, device=device)  # gradient norms of the terms at the window's end
     window_start, window_steps = time.perf_counter(), 0
     order, order_epoch = None, -1
     pbar = bar(total=spec.steps, initial=start, enabled=progress and dist.main, desc=spec.name,
@@ -257,11 +291,15 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
             for group in opt.param_groups:
                 group["lr"] = lr
 
-            # The global batch and its draws on every rank; this rank trains on its slice.
+            # The global batch and its draws on every rank; this rank trains on its slice. The
+            # last step of each log window also measures how hard each term pushes the model.
+            probe = bank is not None and ((step + 1) % spec.log_every == 0
+                                          or step + 1 == spec.steps)
             sums += train_step(forward, opt, ema, diffusion, z0[shard], t[shard], noise[shard],
                                y[shard], labels[shard], bank=bank, lambda_r=spec.lambda_r,
                                lambda_g=spec.lambda_g, accumulate_bug=spec.accumulate_bug,
-                               precision=precision, loss_fn=loss_fn, dist=dist)
+                               precision=precision, loss_fn=loss_fn, dist=dist,
+                               grad_norms=norms if probe else None)
             if bank is not None and (step + 1) % per_epoch == 0:
                 bank.end_epoch()
             window_steps += 1
@@ -282,11 +320,15 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
                 if bank is not None:
                     record["memory_cos_real"] = _nanmean(bank.real.mean_pairwise_cosine())
                     record["memory_cos_gen"] = _nanmean(bank.gen.mean_pairwise_cosine())
+                    g_diff, g_rep, g_div = norms.tolist()
+                    record.update(grad_diffusion=g_diff, grad_rep=g_rep, grad_div=g_div)
                 if dist.main:
                     append_jsonl(metrics_path, record)
                     log(f"[{spec.name}] step {done}/{spec.steps} loss {values[0]:.4f} "
                         f"(mse {values[1]:.4f} vb {values[2]:.4f} rep {values[3]:.5f} "
-                        f"div {values[4]:.5f}) {record['images_per_s']:.0f} img/s")
+                        f"div {values[4]:.5f}) {record['images_per_s']:.0f} img/s"
+                        + (f"; |grad| diffusion {g_diff:.3g} rep {g_rep:.3g} div {g_div:.3g}"
+                           if bank is not None else ""))
                 sums.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if done % spec.ckpt_every == 0 and done < spec.steps:

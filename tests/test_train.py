@@ -50,6 +50,7 @@ def test_smoke_run_writes_every_output(finished):
     assert stages == {"pretrain", "finetune"}
     fine = [x for x in lines if x["stage"] == "finetune"]
     assert all(x["div"] > 0 and x["rep"] > 0 for x in fine)  # the memory terms are on
+    assert all(x["grad_diffusion"] > 0 and x["grad_div"] > 0 for x in fine)  # and push
     assert load_dit(str(out / "model")).config.num_embeds_ada_norm == 10
     result = json.loads((out / "eval" / "ipc2" / "results.json").read_text())
     assert result["ipc"] == 2 and result["epochs"] == 2 and result["num_train"] == 20
@@ -59,6 +60,7 @@ def test_smoke_run_writes_every_output(finished):
     report = (out / "report.md").read_text()
     assert "| ours | 2 |" in report and "grids/0.png" in report
     assert "plots/losses.png" in report and "plots/memory.png" in report
+    assert "plots/gradients.png" in report and (out / "plots" / "gradients.png").is_file()
     assert summary["evaluation"] and summary["timings_s"]["eval"] > 0
     assert summary["attention"] and set(summary["attention"]) <= set(SDPA_KERNELS.values())
     assert not list(out.rglob("*.tmp"))
@@ -249,3 +251,46 @@ def test_progress_bars_on_a_terminal_and_quiet_otherwise(tmp_path, capsys):
     assert "step/s" not in quiet.err and "%|" not in quiet.err
     logged = [x for x in quiet.out.splitlines() if x.startswith("[finetune] step")]
     assert len(logged) == 2 and all("img/s" in x and "rep" in x for x in logged)
+
+
+def test_term_gradient_norms_have_their_closed_form():
+    """|d term / d out| for the memory terms: only the extreme sample's eps channels get
+    gradient, (lambda / n) * |d cos / d x0| * sqrt(1 - abar_t) / sqrt(abar_t); with empty
+    memories the terms have none. The diffusion loss always pushes."""
+    from ddfast.diffusion import Diffusion
+    from ddfast.memory import MemoryBank
+    from ddfast.models import build_dit
+    from ddfast.ref import class_extremes_ref
+    from ddfast.trainer import objective, term_grad_norms
+
+    torch.manual_seed(0)
+    dit = build_dit("micro", in_channels=1, sample_size=8, num_classes=10).double()
+    diffusion = Diffusion()
+    labels = torch.tensor([0, 0, 1, 1, 1])  # n = 2 classes
+    z0 = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    noise = torch.randn_like(z0)
+    t = torch.tensor([10, 400, 999, 50, 700])
+    bank = MemoryBank(10, 64, real_capacity=4, gen_capacity=4)
+    args = (diffusion, z0, t, noise, labels, bank, 0.5, 0.25, False)
+    _, _, x0, out = objective(dit, diffusion, z0, t, noise, labels, labels, bank, 0.5, 0.25,
+                              False, "fp32")
+    empty = term_grad_norms(out, *args)
+    assert empty[0] > 0 and empty[1] == 0 and empty[2] == 0
+    bank.update(torch.randn(5, 64, dtype=torch.float64), torch.randn(5, 64, dtype=torch.float64),
+                labels)
+    got = term_grad_norms(out, *args)
+    x0 = x0.detach()
+    ab = torch.tensor(diffusion.tables64["alphas_cumprod"])[t]  # (B,)
+    scale = (1 - ab).sqrt() / ab.sqrt()  # |d x0 / d eps|
+    for k, (items, counts, largest, lam) in enumerate(
+            ((bank.real.items, bank.real.counts, False, 0.5),
+             (bank.gen.items, bank.gen.counts, True, 0.25)), start=1):
+        _, arg_s, arg_j = class_extremes_ref(x0, labels, items, counts, largest)
+        sq = 0.0
+        for c in (0, 1):
+            i, j = int(arg_s[c]), int(arg_j[c])
+            x, m = x0[i], items[c, j]
+            u, m_hat = x / x.norm(), m / m.norm()
+            dcos = (m_hat - (u @ m_hat) * u) / x.norm()
+            sq += float((lam / 2 * dcos * scale[i]).norm() ** 2)
+        assert float(got[k]) == pytest.approx(sq ** 0.5, rel=1e-6), k
