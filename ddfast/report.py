@@ -60,39 +60,33 @@ def _plots(records: list[dict], plots: Path) -> list[tuple[str, str]]:
         plt.close(fig)
         written.append(("Loss terms (mean over each log interval)", "plots/losses.png"))
     fine = [r for r in records if r.get("stage") == "finetune" and "memory_cos_real" in r]
-    if fine:
+    curves = (("memory.png", "Diversity of each memory during fine-tuning", "mean pairwise cosine",
+               "memory diversity (lower is more diverse)", False,
+               (("memory_cos_real", "real memory"), ("memory_cos_gen", "generated memory"))),
+              ("gradients.png", "Gradient norm of each term at the end of each log interval",
+               "|d term / d model output|", "how hard each term pushes the model", True,
+               (("grad_diffusion", "diffusion loss"), ("grad_rep", "representativeness"),
+                ("grad_div", "diversity"))))
+    for name, caption, ylabel, title, log_y, keys in curves:
+        rows = [r for r in fine if keys[0][0] in r]
+        if not rows:
+            continue
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        steps = [r["step"] for r in fine]
-        for key, label in (("memory_cos_real", "real memory"), ("memory_cos_gen",
-                                                                "generated memory")):
-            ax.plot(steps, [r[key] for r in fine], marker=".", label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("mean pairwise cosine")
-        ax.set_title("memory diversity (lower is more diverse)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        write_bytes(plots / "memory.png", _figure_bytes(fig))
-        plt.close(fig)
-        written.append(("Diversity of each memory during fine-tuning", "plots/memory.png"))
-    pushed = [r for r in fine if "grad_diffusion" in r]
-    if pushed:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        steps = [r["step"] for r in pushed]
-        for key, label in (("grad_diffusion", "diffusion loss"), ("grad_rep", "representativeness"),
-                           ("grad_div", "diversity")):
-            values = [r[key] for r in pushed]
-            if any(v > 0 for v in values):
+        steps = [r["step"] for r in rows]
+        for key, label in keys:
+            values = [r[key] for r in rows]
+            if not log_y or any(v > 0 for v in values):  # a log axis shows positive values only
                 ax.plot(steps, values, marker=".", label=label)
-        ax.set_yscale("log")
+        if log_y:
+            ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel("|d term / d model output|")
-        ax.set_title("how hard each term pushes the model")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        write_bytes(plots / "gradients.png", _figure_bytes(fig))
+        write_bytes(plots / name, _figure_bytes(fig))
         plt.close(fig)
-        written.append(("Gradient norm of each term at the end of each log interval",
-                        "plots/gradients.png"))
+        written.append((caption, f"plots/{name}"))
     return written
 
 
