@@ -79,6 +79,7 @@ def collect(study) -> dict:
     eval_seconds = sum(json.loads(p.read_text())["seconds"]
                        for p in sorted((study.work / "evals").glob("*.json")))
     return {
+        "mechanism": mechanism(study),
         "dataset": study.dataset, "scale": study.scale_name,
         "settings": {"ipc": list(s.ipc), "repeats": s.repeats, "protocols": list(s.protocols),
                      "small_repeats": s.repeats_of("small"),
@@ -96,6 +97,34 @@ def collect(study) -> dict:
                     "total": round(run_seconds + eval_seconds + (full["seconds"] if full else 0),
                                    1)},
     }
+
+
+MECHANISM_KEYS = ("memory_cos_real", "memory_cos_gen", "grad_diffusion", "grad_rep", "grad_div")
+
+
+def mechanism(study) -> dict:
+    """Per memory method, the fine-tuning curves of what the memories do, averaged over the
+    repeats that logged them: each memory's mean pairwise cosine (lower is more diverse) and,
+    where logged, the gradient norm of each term. {method: {"step": [...], key: [...]}}."""
+    out = {}
+    for method in ("minimax", "ours-step", "ours-epoch"):
+        runs = []
+        for path in sorted(study.work.glob(f"{method}-r*/metrics.jsonl")):
+            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            rows = [r for r in rows if r.get("stage") == "finetune" and "memory_cos_real" in r]
+            if rows:
+                runs.append(rows)
+        if not runs:
+            continue
+        steps = [r["step"] for r in runs[0]]
+        runs = [r for r in runs if [x["step"] for x in r] == steps]  # same log steps only
+        curves = {"step": steps, "repeats": len(runs)}
+        for key in MECHANISM_KEYS:
+            if all(key in x for r in runs for x in r):
+                curves[key] = [float(np.nanmean([r[i][key] for r in runs]))
+                               for i in range(len(steps))]
+        out[method] = curves
+    return out
 
 
 def _fmt(stat: dict | None, digits: int = 1) -> str:
@@ -147,6 +176,15 @@ def markdown(res: dict) -> str:
             cov = "-" if r["coverage"] is None else f"{r['coverage']['mean']:.3f}"
             cells.append(f"{pw} / {cov}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    if res.get("mechanism"):
+        lines += ["", "The memories at the end of fine-tuning (mean over repeats): mean pairwise "
+                  "cosine of the real / generated memory (lower is more diverse), and where "
+                  "logged the gradient norm of each term with respect to the model's output.",
+                  "", "| method | real memory | generated memory | grad diffusion | grad rep | "
+                  "grad div |", "|---|---:|---:|---:|---:|---:|"]
+        for method, c in res["mechanism"].items():
+            cells = [f"{c[k][-1]:.3g}" if k in c else "-" for k in MECHANISM_KEYS]
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if res["ablations"]:
         lines += ["", "Ablations (ours, adaptive per step, IPC 10, DC/DSA recipe): accuracy (%) "
                   "mean [min, max]; the default is in bold.", ""]
@@ -191,6 +229,32 @@ def plots(res: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(_save(fig, out / "accuracy_vs_ipc.png", plt))
+    if res.get("mechanism"):
+        mech = res["mechanism"]
+        panels = [k for k in ("memory_cos_real", "memory_cos_gen")
+                  if any(k in c for c in mech.values())]
+        if any("grad_div" in c for c in mech.values()):
+            panels.append("grad_ratio")
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+        titles = {"memory_cos_real": "real memory: mean pairwise cosine",
+                  "memory_cos_gen": "generated memory: mean pairwise cosine",
+                  "grad_ratio": "|grad| of memory terms / diffusion"}
+        for ax, panel in zip(axes[0], panels, strict=True):
+            for method, c in mech.items():
+                if panel == "grad_ratio" and "grad_div" in c:
+                    ratio = [(r + d) / g if g > 0 else float("nan")
+                             for r, d, g in zip(c["grad_rep"], c["grad_div"],
+                                                c["grad_diffusion"], strict=True)]
+                    ax.plot(c["step"], ratio, marker=".", label=LABELS[method])
+                    ax.set_yscale("log")
+                elif panel in c:
+                    ax.plot(c["step"], c[panel], marker=".", label=LABELS[method])
+            ax.set_title(titles[panel], fontsize=9)
+            ax.set_xlabel("fine-tuning step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(_save(fig, out / "mechanism.png", plt))
     if res["ablations"]:
         abl = res["ablations"]
         fig, axes = plt.subplots(1, len(abl), figsize=(3.6 * len(abl), 3.2), squeeze=False)

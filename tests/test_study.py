@@ -44,6 +44,16 @@ def test_results_are_read_from_the_cells(study_dir):
     for rel in res["plots"] + res["grids"]:
         assert (study_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(res["grids"]) == len(METHODS)
+    # the mechanism: each memory method's curves, the mean over its runs' logged values
+    mech = res["mechanism"]
+    assert set(mech) == {"minimax", "ours-step", "ours-epoch"} and "mechanism.png" in res["plots"]
+    lines = [json.loads(x) for x in
+             (study_dir / "work" / "minimax-r0" / "metrics.jsonl").read_text().splitlines()]
+    fine = [x for x in lines if x["stage"] == "finetune"]
+    assert mech["minimax"]["step"] == [x["step"] for x in fine]
+    assert mech["minimax"]["memory_cos_gen"] == pytest.approx([x["memory_cos_gen"] for x in fine])
+    assert mech["minimax"]["grad_div"] == pytest.approx([x["grad_div"] for x in fine])
+    assert "| Minimax (fifo) |" in md.split("The memories at the end")[1]
 
 
 def test_the_runs_differ_by_method_and_share_one_model(study_dir):
