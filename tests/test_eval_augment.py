@@ -76,6 +76,22 @@ def test_crop_area_ratio_and_position():
     assert (left > 0.5).any() and (top > 0.5).any()
 
 
+def test_enlarged_crop_equals_crop_then_resize():
+    """Upsampling a crop (32 px images, boxes of 16-32 px, back to 32 px) reads only the box, as
+    torchvision's crop-then-resize does: the outermost samples repeat the edge pixels."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(16, 3, 32, 32, generator=g, dtype=torch.float64)
+    out = plain(32)(x, torch.Generator().manual_seed(1))
+    top, left, ch, cw = aug.crop_boxes(16, 32, 32, scale=(0.5, 1.0),
+                                       generator=torch.Generator().manual_seed(1))
+    assert (cw < 32).any()  # some crops are enlarged
+    for i in range(16):
+        t, lf, hh, ww = (int(v[i]) for v in (top, left, ch, cw))
+        want = torch.nn.functional.interpolate(x[i:i + 1, :, t:t + hh, lf:lf + ww], size=(32, 32),
+                                               mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out[i:i + 1], want, rtol=0, atol=1e-12)
+
+
 def test_crop_fallback_is_central():
     # A 4 x 100 strip: no box with area >= 90 % fits the aspect bounds, so every image takes
     # the central crop with the aspect clamped to 4/3: 4 x round(5.33) = 4 x 5 at column 47.

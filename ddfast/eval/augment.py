@@ -176,6 +176,16 @@ class Augment:
         theta[:, 1, 1] = ch / h
         theta[:, 1, 2] = (2 * top + ch) / h - 1
         grid = F.affine_grid(theta, [b, c, self.out_size, self.out_size], align_corners=False)
+        # torchvision crops, then resizes the crop alone: a sample within half a pixel of the
+        # box edge repeats the edge pixel. Clamping the sample to the box's outermost pixel
+        # centres does the same here (without it, enlarged crops blend in the pixels outside).
+        lo_x, hi_x = (2 * left + 1) / w - 1, (2 * (left + cw) - 1) / w - 1  # (B,)
+        lo_y, hi_y = (2 * top + 1) / h - 1, (2 * (top + ch) - 1) / h - 1
+        gx = torch.maximum(torch.minimum(grid[..., 0], hi_x.view(b, 1, 1).to(grid.dtype)),
+                           lo_x.view(b, 1, 1).to(grid.dtype))
+        gy = torch.maximum(torch.minimum(grid[..., 1], hi_y.view(b, 1, 1).to(grid.dtype)),
+                           lo_y.view(b, 1, 1).to(grid.dtype))
+        grid = torch.stack([gx, gy], dim=-1)  # (B, S, S, 2)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border",
                             align_corners=False)  # (B, C, S, S)
         if self.jitter > 0:
