@@ -19,9 +19,36 @@ _EPS = 1e-8
 def _module():
     try:
         from ddfast import _C
-    except ImportError as exc:  # a source checkout that was never built
-        return exc
+    except ImportError as exc:
+        # Python started inside the checkout (`python -m ddfast.train` there) imports the source
+        # tree, which holds no compiled module; the installed distribution's one serves it.
+        installed = _installed_module()
+        return exc if installed is None else installed
     return _C
+
+
+def _installed_module():
+    """ddfast._C from the installed ddfast distribution's files, or None when there is none (a
+    source checkout that was never installed)."""
+    import sys
+    from importlib import machinery, metadata, util
+
+    try:
+        files = metadata.distribution("ddfast").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.parts[:-1] == ("ddfast",) and f.name.startswith("_C.") and any(
+                f.name.endswith(sfx) for sfx in machinery.EXTENSION_SUFFIXES):
+            path = f.locate()
+            spec = util.spec_from_file_location("ddfast._C", path)
+            if spec is None or not path.is_file():
+                continue
+            module = util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules["ddfast._C"] = module
+            return module
+    return None
 
 
 def available() -> bool:

@@ -80,3 +80,21 @@ def test_triton_similarity_degree_matches_full_matrix():
         got = similarity_degree(items)
         torch.testing.assert_close(got.double().cpu(), degree_full_matrix(items.cpu()),
                                    rtol=1e-5, atol=1e-5 * k)
+
+
+def test_python_started_in_the_checkout_still_gets_the_compiled_module():
+    """`python -m ddfast.train` run inside the checkout imports the source tree (the current
+    folder comes first on sys.path), which holds no compiled module after `pip install .`; the
+    installed distribution's module must serve it instead of the slow reference."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    probe = ("import ddfast, ddfast._ext as e, pathlib, sys\n"
+             "print(pathlib.Path(ddfast.__file__).resolve().parent.parent == "
+             "pathlib.Path(sys.argv[1]), e.available())\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(root)], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"]
