@@ -13,10 +13,10 @@
 #   3. python -m ddfast.check --quick: environment, parity at D 4096 (N 64), eager speed, and
 #      the end-to-end job under torchrun;
 #   4. pytest tests/test_ops_gpu.py tests/test_train_gpu.py;
-#   5. python -m ddfast.check --sections speed,end-to-end: the compiled step, CUDA graphs in
-#      sampling, and N 4096 parity (--sections parity);
+#   5. python -m ddfast.check --sections parity,speed,end-to-end: N 4096 parity, the compiled
+#      step and CUDA graphs in sampling;
 #   6. pytest bench --benchmark-only, then bench/summarize.py.
-# Everything lands in OUT_DIR (at most 8 files, none nested): gpu.log (every step's output),
+# Everything lands in OUT_DIR (7 files, none nested): gpu.log (every step's output),
 # steps.json (exit status and seconds of each step), check-quick.json, check-full.json,
 # tests.xml, bench.json and bench.md. Exit status: 0 when every step passed.
 set -uo pipefail

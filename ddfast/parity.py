@@ -26,9 +26,10 @@ from ddfast.ref import (
     similarity_degree_ref,
 )
 
-__all__ = ["ParityError", "check_empty", "check_extremes", "check_insert", "check_prune",
-           "check_prune_case", "check_similarity_degree", "check_ties",
-           "cos_atol", "extremes_case", "insert_case", "memory", "rows", "tie_case"]
+__all__ = ["ParityError", "awkward_insert_case", "check_empty", "check_extremes",
+           "check_insert", "check_prune", "check_prune_case", "check_similarity_degree",
+           "check_ties", "cos_atol", "extremes_case", "insert_case", "memory", "rows",
+           "tie_case"]
 
 LAMBDAS = {"lambda_r": 0.5, "lambda_g": 0.25}
 FP32_UNIT = 2.0**-24  # unit roundoff of float32
@@ -108,6 +109,17 @@ def insert_case(num_classes: int, slots: int, dim: int, batch: int,
     labels = torch.randint(0, max(num_classes - 1, 1), (batch,), generator=gen)
     labels[: min(2, batch, num_classes)] = torch.arange(min(2, batch, num_classes))
     return items, counts, rows(batch, dim, gen), labels
+
+
+def awkward_insert_case(num_classes: int, slots: int, dim: int, batch: int,
+                        seed: int) -> tuple[Tensor, ...]:
+    """``insert_case`` whose batch also holds a zero item (row 1) and, from 5 rows on, an exact
+    duplicate of a stored item (row 4)."""
+    items, counts, new_items, labels = insert_case(num_classes, slots, dim, batch, seed)
+    new_items[1] = 0.0
+    if batch > 4:
+        new_items[4] = items[1, 0]
+    return items, counts, new_items, labels
 
 
 # ---------------------------------------------------------------- checks

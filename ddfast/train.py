@@ -374,32 +374,25 @@ def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: P
     records = []
     for ipc in sorted(cfg.sample.ipc):
         done = out / f"ipc{ipc}" / "results.json"
-        if done.is_file():
-            records.append(json.loads(done.read_text()))
-            if cfg.eval.baseline:
-                records.append(random_real_record(cfg, source, test_x, test_source.labels, ipc,
-                                                  device, progress, dist))
-            continue
-        x, y, names = load_folder_set(distilled, ipc=ipc)
-        if list(names) != list(source.class_names):
-            raise DdfastError(f"the distilled classes {names} differ from the data's "
-                              f"{source.class_names}; rerun sampling with --overwrite")
-        log(f"[eval] IPC {ipc}: {', '.join(cfg.eval.networks)} x {cfg.eval.repeats} "
-            f"({cfg.eval.protocol} protocol)")
-        result = evaluate(x, y, test_x, test_source.labels, networks=cfg.eval.networks,
-                          repeats=cfg.eval.repeats, epochs=cfg.eval.epochs,
-                          protocol=cfg.eval.protocol, device=device, seed=cfg.run.seed,
-                          batch_size=cfg.eval.batch_size or None, progress=progress,
-                          dist=dist, dataset=cfg.data.source)
-        if dist.main:
-            records.append(write_results(out / f"ipc{ipc}", result, method=cfg.objective.method,
-                                         ipc=ipc))
-        dist.barrier()
-        if not dist.main:
-            records.append(json.loads(done.read_text()))
+        if not done.is_file():
+            x, y, names = load_folder_set(distilled, ipc=ipc)
+            if list(names) != list(source.class_names):
+                raise DdfastError(f"the distilled classes {names} differ from the data's "
+                                  f"{source.class_names}; rerun sampling with --overwrite")
+            log(f"[eval] IPC {ipc}: {', '.join(cfg.eval.networks)} x {cfg.eval.repeats} "
+                f"({cfg.eval.protocol} protocol)")
+            result = evaluate(x, y, test_x, test_source.labels, networks=cfg.eval.networks,
+                              repeats=cfg.eval.repeats, epochs=cfg.eval.epochs,
+                              protocol=cfg.eval.protocol, device=device, seed=cfg.run.seed,
+                              batch_size=cfg.eval.batch_size or None, progress=progress,
+                              dist=dist, dataset=cfg.data.source)
+            if dist.main:
+                write_results(out / f"ipc{ipc}", result, method=cfg.objective.method, ipc=ipc)
+            dist.barrier()
+        records.append(json.loads(done.read_text()))
         if cfg.eval.baseline:
-            records.append(random_real_record(cfg, source, test_x, test_source.labels, ipc,
-                                              device, progress, dist))
+            records.append(random_real_record(cfg, source, test_source, test_x, ipc, device,
+                                              progress, dist))
     table = merge_tables(records)
     if cfg.eval.baseline:
         table += ("\n" + RANDOM_REAL + ": the first IPC real training images of each class "
@@ -416,9 +409,8 @@ def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: P
 RANDOM_REAL = "random real"
 
 
-def random_real_record(cfg: Config, source, test_x: torch.Tensor, test_y: torch.Tensor,
-                       ipc: int, device: torch.device, progress: bool,
-                       dist: Dist | None = None) -> dict:
+def random_real_record(cfg: Config, source, test_source, test_x: torch.Tensor, ipc: int,
+                       device: torch.device, progress: bool, dist: Dist | None = None) -> dict:
     """The random-real baseline of one IPC: the first ``ipc`` real images of each class, trained
     and tested exactly as the distilled set is. Cached per data set and recipe (outside the run
     folder, beside the latent cache), so every run on the same data reuses it."""
@@ -430,7 +422,8 @@ def random_real_record(cfg: Config, source, test_x: torch.Tensor, test_y: torch.
 
     dist = dist or Dist.single()
     e = cfg.eval
-    key = {"source": source.fingerprint(), "test": len(test_y), "ipc": ipc,
+    test_y = test_source.labels
+    key = {"source": source.fingerprint(), "test": test_source.fingerprint(), "ipc": ipc,
            "recipe": asdict(get_protocol(e.protocol)), "networks": list(e.networks),
            "repeats": e.repeats, "epochs": e.epochs, "batch_size": e.batch_size,
            "seed": cfg.run.seed, "dataset": cfg.data.source, "device": device.type}

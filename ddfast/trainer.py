@@ -293,8 +293,9 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
 
             # The global batch and its draws on every rank; this rank trains on its slice. The
             # last step of each log window also measures how hard each term pushes the model.
-            probe = bank is not None and ((step + 1) % spec.log_every == 0
-                                          or step + 1 == spec.steps)
+            done = step + 1
+            log_now = done % spec.log_every == 0 or done == spec.steps
+            probe = bank is not None and log_now
             sums += train_step(forward, opt, ema, diffusion, z0[shard], t[shard], noise[shard],
                                y[shard], labels[shard], bank=bank, lambda_r=spec.lambda_r,
                                lambda_g=spec.lambda_g, accumulate_bug=spec.accumulate_bug,
@@ -304,8 +305,7 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
                 bank.end_epoch()
             window_steps += 1
             pbar.update(1)
-            done = step + 1
-            if done % spec.log_every == 0 or done == spec.steps:
+            if log_now:
                 values = (sums / window_steps).tolist()  # the one host sync per log window
                 if not all(math.isfinite(v) for v in values):
                     raise NonFiniteLossError(
@@ -337,8 +337,7 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
             if dist.active:
                 # A signal reaches the ranks at different steps: they agree at each log interval
                 # (one all-reduce), so all stop after the same step and none waits on the others.
-                logged = done % spec.log_every == 0 or done == spec.steps
-                signum = (dist.agree_max(signum or 0, device) or None) if logged else None
+                signum = (dist.agree_max(signum or 0, device) or None) if log_now else None
             if signum is not None:
                 if done % spec.ckpt_every or done == spec.steps:  # not saved just above
                     checkpoint(done)

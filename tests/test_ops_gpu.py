@@ -8,12 +8,19 @@ where a CUDA device is present.
 
 import pytest
 import torch
-from test_ops import check_parity, random_case, tie_case
-from test_ops_memory import check_insert, random_insert_case, rows
 
 from ddfast import _ext
 from ddfast.ops import insert_memory, prune_adaptive
-from ddfast.ref import class_extremes_ref, insert_adaptive_ref, prune_adaptive_ref
+from ddfast.parity import (
+    awkward_insert_case,
+    check_extremes,
+    check_insert,
+    check_prune_case,
+    extremes_case,
+    rows,
+    tie_case,
+)
+from ddfast.ref import class_extremes_ref, insert_adaptive_ref
 
 pytestmark = [
     pytest.mark.cuda,
@@ -40,7 +47,7 @@ def cuda(*tensors):
 @pytest.mark.parametrize("slots", [1, 64, 4096])
 def test_class_extremes_parity(gpu_backend, dtype, dim, slots):
     batch = 64 if slots == 4096 else 8
-    check_parity(*cuda(*random_case(batch, 10, slots, dim, dtype, seed=dim + slots)))
+    check_extremes(*cuda(*extremes_case(batch, 10, slots, dim, dtype, seed=dim + slots)))
 
 
 @pytest.mark.parametrize("largest", [True, False], ids=["max", "min"])
@@ -65,11 +72,8 @@ def test_empty_memories_and_absent_classes(gpu_backend):
                                    (10, 4096, 256, 64)])
 def test_insert_parity(gpu_backend, shape):
     num_classes, slots, dim, batch = shape
-    items, counts, new_items, labels = cuda(*random_insert_case(num_classes, slots, dim, batch,
-                                                                seed=sum(shape)))
-    new_items[1] = 0.0  # a zero item
-    if batch > 4:
-        new_items[4] = items[1, 0]  # a duplicate of a stored item
+    items, counts, new_items, labels = cuda(*awkward_insert_case(num_classes, slots, dim, batch,
+                                                                 seed=sum(shape)))
     for adaptive in (True, False):
         check_insert(items.clone(), counts.clone(), new_items, labels, adaptive)
 
@@ -91,11 +95,7 @@ def test_long_random_insertion_sequence(gpu_backend):
 
 
 def test_prune_parity(gpu_backend):
-    x = rows(1300, 4096, torch.Generator().manual_seed(31)).cuda()
-    x[50:60] = x[10]  # exact duplicates
-    x[[7, 120]] = 0.0  # zero vectors
-    for capacity in (64, 3, 1):
-        assert torch.equal(prune_adaptive(x, capacity), prune_adaptive_ref(x, capacity))
+    check_prune_case(1300, 4096, "cuda")  # exact duplicates and zero vectors, capacities 64, 3, 1
 
 
 def test_two_nonzero_items_beside_zero_items(gpu_backend):
@@ -111,7 +111,7 @@ def test_two_nonzero_items_beside_zero_items(gpu_backend):
 def test_no_op_waits_for_the_device(gpu_backend):
     """class_extremes (forward and backward), insertion and pruning enqueue work only."""
     x, labels, real, real_counts, fake, gen_counts = cuda(
-        *random_case(16, 10, 64, 256, torch.float32, seed=5))
+        *extremes_case(16, 10, 64, 256, torch.float32, seed=5))
     x.requires_grad_()
     pool = torch.randn(300, 256, device="cuda")
     torch.cuda.synchronize()
