@@ -59,6 +59,7 @@ class Scale:
     sweep: tuple[float, ...] = (0.25, 4.0)  # ablation factors around each default
     small_repeats: int = 0  # repeats under the IDC recipe (``small``); 0 = ``repeats``
     ablation_repeats: int = 0  # repeats of each ablation point; 0 = ``repeats``
+    quality_per_class: int = 100  # generator quality: images per class sampled and measured
 
     def repeats_of(self, protocol: str) -> int:
         return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
@@ -89,7 +90,7 @@ SCALES = {
     # Seconds, for tests: everything tiny.
     "smoke": {
         "digits": Scale(ipc=(1, 10), repeats=1, protocols=("dc",), full_epochs=1,
-                        ablations=True, eval_epochs=2, sweep=(4.0,), base={
+                        ablations=True, eval_epochs=2, sweep=(4.0,), quality_per_class=8, base={
                             "data.max_per_class": "40", "pretrain.steps": "30",
                             "optim.steps": "10", "sample.steps": "5",
                             "memory.real_capacity": "4", "memory.gen_capacity": "4"}),
@@ -132,7 +133,7 @@ class Study:
         if device != "auto":
             self.base["run.device"] = device
         self.base["run.progress"] = "on" if progress else "off"
-        self._data = self._real = self._full = None
+        self._data = self._real = self._full = self._test_f = None
 
     # ------------------------------------------------------------------------------ runs
     def config(self, name: str, overrides: dict, pretrain_only: bool = False):
@@ -227,14 +228,27 @@ class Study:
             self._real = (self._features(train.images(idx)), train.labels[idx])
         return self._real
 
-    def _features(self, x):
+    def _normalised(self, x):
+        """x uint8 / [0, 1] as the full-data classifier saw its inputs, on its device."""
         from ddfast.eval.augment import norm_stats, normalize
-        from ddfast.eval.diversity import features
 
         _, model = self.full_classifier()
         dev = next(model.parameters()).device
         mean, std = norm_stats(x.shape[1], self.dataset)
-        return features(model, normalize(x.to(dev).float() / 255.0, mean, std)).cpu()
+        return normalize(x.to(dev).float() / 255.0, mean, std)
+
+    def _features(self, x):
+        from ddfast.eval.diversity import features
+
+        _, model = self.full_classifier()
+        return features(model, self._normalised(x)).cpu()
+
+    def test_features(self):
+        """The full-data classifier's features of every test image: the quality reference."""
+        if self._test_f is None:
+            _, test_x, _ = self.data()
+            self._test_f = self._features(test_x)
+        return self._test_f
 
     # ------------------------------------------------------------------------------ cells
     def evaluate_cell(self, key: str, x, y, protocol: str, seed: int) -> dict:
@@ -260,14 +274,43 @@ class Study:
         write_json(path, cell)
         return cell
 
-    def method_set(self, method: str, repeat: int, ipc: int, extra=None, tag=""):
+    def quality_cell(self, key: str, x, y) -> dict:
+        """Fidelity, Fréchet distance, precision, recall and coverage of the images x (labels y)
+        against the test images, in the full-data classifier's features. Cached by key."""
+        from ddfast.eval.quality import quality
+
+        path = self.work / "quality" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        log(f"[study] quality {key}")
+        _, model = self.full_classifier()
+        cell = {"key": key, "per_class": int(torch.bincount(y).min()),
+                **quality(model, self._normalised(x), y, self.test_features())}
+        write_json(path, cell)
+        return cell
+
+    def generator_quality(self, methods: tuple[str, ...]) -> None:
+        """The generator itself (``dit``: the from-scratch model, sampled with the study's
+        settings) and the same number of real training images (the first of each class)."""
+        q = self.scale.quality_per_class
+        if not q:
+            return
+        x, y = self.method_set("random", 0, q)
+        self.quality_cell(f"random-ipc{q}", x, y)
+        if "dit" in methods:
+            x, y = self.method_set("dit", 0, q, tag="-quality", ipcs=(q,))
+            self.quality_cell(f"dit-ipc{q}", x, y)
+
+    def method_set(self, method: str, repeat: int, ipc: int, extra=None, tag="", ipcs=None):
+        """The images and labels of one set; ``ipcs`` the IPCs its run samples (default: the
+        scale's, or 10 alone for an ablation ``tag``)."""
         from ddfast.eval.protocol import load_folder_set, load_source_set
 
         if method == "random":
             train, _, _ = self.data()
             x, y, _ = load_source_set(train, ipc)
             return x, y
-        ipcs = (10,) if tag else None
+        ipcs = ipcs or ((10,) if tag else None)
         x, y, _ = load_folder_set(self.distilled(method, repeat, extra, tag, ipcs), ipc=ipc)
         return x, y
 
@@ -275,10 +318,13 @@ class Study:
         """Compute every missing cell of ``methods`` (the ablations go with ours-step)."""
         s = self.scale
         self.full_classifier()
+        self.generator_quality(methods)
         for method in methods:
             for r in range(s.repeats):
                 for ipc in s.ipc:
                     x, y = self.method_set(method, r, ipc)
+                    if r == 0 and ipc == max(s.ipc):  # every method's largest set, once
+                        self.quality_cell(f"{method}-r0-ipc{ipc}", x, y)
                     for proto in s.protocols:
                         if r >= s.repeats_of(proto):
                             continue

@@ -79,6 +79,7 @@ def collect(study) -> dict:
     eval_seconds = sum(json.loads(p.read_text())["seconds"]
                        for p in sorted((study.work / "evals").glob("*.json")))
     return {
+        "quality": quality(study),
         "mechanism": mechanism(study),
         "dataset": study.dataset, "scale": study.scale_name,
         "settings": {"ipc": list(s.ipc), "repeats": s.repeats, "protocols": list(s.protocols),
@@ -97,6 +98,29 @@ def collect(study) -> dict:
                     "total": round(run_seconds + eval_seconds + (full["seconds"] if full else 0),
                                    1)},
     }
+
+
+QUALITY_KEYS = ("fidelity", "fd", "precision", "recall", "coverage")
+
+
+def quality(study) -> list[dict]:
+    """The quality cells on disk, real sets first, then by method order and size."""
+    from ddfast.study import METHODS
+
+    cells = [json.loads(p.read_text()) for p in sorted((study.work / "quality").glob("*.json"))]
+
+    def order(c):
+        method = _quality_method(c["key"])
+        return (-c["per_class"], METHODS.index(method) if method in METHODS else len(METHODS))
+
+    return sorted(cells, key=order)
+
+
+def _quality_method(key: str) -> str:
+    """``ours-step-r0-ipc10`` -> ``ours-step``; ``dit-ipc100`` -> ``dit``."""
+    head = key.rsplit("-ipc", 1)[0]
+    stem, _, rep = head.rpartition("-r")
+    return stem if stem and rep.isdigit() else head
 
 
 MECHANISM_KEYS = ("memory_cos_real", "memory_cos_gen", "grad_diffusion", "grad_rep", "grad_div")
@@ -176,6 +200,20 @@ def markdown(res: dict) -> str:
             cov = "-" if r["coverage"] is None else f"{r['coverage']['mean']:.3f}"
             cells.append(f"{pw} / {cov}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    if res.get("quality"):
+        lines += ["", "Sample quality in the full-data ConvNet-3's features against every test "
+                  "image: fidelity (the classifier's accuracy on the images, %), Fréchet "
+                  "distance (lower is closer), precision, recall and coverage (k = 5). Sets of "
+                  "equal size compare; `random real` is the first images of each class.", "",
+                  "| set | images | fidelity | Fréchet distance | precision | recall | "
+                  "coverage |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for c in res["quality"]:
+            m = _quality_method(c["key"])
+            what = "a sample of the generator" if m == "dit" and "-r" not in c["key"] else (
+                "the distilled set, repeat 0" if m != "random" else "real")
+            label = f"{LABELS.get(m, m)}, IPC {c['per_class']} ({what})"
+            lines.append(f"| {label} | {c['n']} | {c['fidelity']:.1f} | {c['fd']:.3g} | "
+                         f"{c['precision']:.3f} | {c['recall']:.3f} | {c['coverage']:.3f} |")
     if res.get("mechanism"):
         lines += ["", "The memories at the end of fine-tuning (mean over repeats): mean pairwise "
                   "cosine of the real / generated memory (lower is more diverse), and where "

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from ddfast.errors import ConfigError
 from ddfast.study import METHODS, SCALES, Study, main
@@ -54,6 +55,36 @@ def test_results_are_read_from_the_cells(study_dir):
     assert mech["minimax"]["memory_cos_gen"] == pytest.approx([x["memory_cos_gen"] for x in fine])
     assert mech["minimax"]["grad_div"] == pytest.approx([x["grad_div"] for x in fine])
     assert "| Minimax (fifo) |" in md.split("The memories at the end")[1]
+
+
+def test_quality_cells_measure_the_sets_they_name(study_dir):
+    from ddfast.eval.diversity import features
+    from ddfast.eval.quality import frechet_distance
+
+    res = json.loads((study_dir / "results.json").read_text())
+    scale = SCALES["smoke"]["digits"]
+    q, top = scale.quality_per_class, max(scale.ipc)
+    want = {f"random-ipc{q}", f"dit-ipc{q}"} | {f"{m}-r0-ipc{top}" for m in METHODS}
+    assert {c["key"] for c in res["quality"]} == want
+    cells = {c["key"]: c for c in res["quality"]}
+    assert cells[f"dit-ipc{q}"]["n"] == cells[f"random-ipc{q}"]["n"] == 10 * q
+    assert (study_dir / "work" / "dit-quality-r0" / "distilled").is_dir()  # its own sample
+    # The real cell, recomputed here from the images it names.
+    study = Study("digits", "smoke", study_dir)
+    x, y = study.method_set("random", 0, q)
+    _, model = study.full_classifier()
+    xn = study._normalised(x)
+    with torch.no_grad():
+        fidelity = 100.0 * float((model(xn).argmax(1) == y).double().mean())
+    test_f = study.test_features()
+    assert test_f.shape[0] == study.data()[1].shape[0]
+    real = cells[f"random-ipc{q}"]
+    assert real["fidelity"] == pytest.approx(fidelity)
+    assert real["fd"] == pytest.approx(frechet_distance(features(model, xn), test_f), rel=1e-9)
+    for c in res["quality"]:
+        assert 0 <= c["precision"] <= 1 and 0 <= c["recall"] <= 1 and 0 <= c["coverage"] <= 1
+    md = (study_dir / "results.md").read_text()
+    assert f"| DiT (no fine-tune), IPC {q} (a sample of the generator) | {10 * q} |" in md
 
 
 def test_the_runs_differ_by_method_and_share_one_model(study_dir):

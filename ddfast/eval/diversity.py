@@ -53,15 +53,12 @@ def pairwise_cosine_distance(f: torch.Tensor) -> float | None:
 
 def coverage(real: torch.Tensor, fake: torch.Tensor, k: int = K_NEIGHBOURS) -> float:
     """Naeem et al.'s coverage of ``real`` (n, F) by ``fake`` (m, F); needs n > k."""
+    from ddfast.eval.quality import _nearest, knn_radii
+
     n = real.shape[0]
     if n <= k:
         raise ValueError(f"coverage needs more than k={k} real items, got {n}")
-    real, fake = real.double(), fake.double()
-    d_rr = torch.cdist(real, real)  # (n, n)
-    # The k-th nearest other point: index k of the sorted row (index 0 is the point itself).
-    radius = d_rr.sort(dim=1).values[:, k]  # (n,)
-    nearest_fake = torch.cdist(real, fake).min(dim=1).values  # (n,)
-    return float((nearest_fake <= radius).double().mean())
+    return float((_nearest(real, fake) <= knn_radii(real, k)).double().mean())
 
 
 def set_diversity(real_f: torch.Tensor, real_y: torch.Tensor, fake_f: torch.Tensor,

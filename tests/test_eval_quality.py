@@ -1,0 +1,118 @@
+"""Generator quality measures against brute-force loops and closed forms."""
+
+import pytest
+import torch
+
+import ddfast.eval.quality as Q
+
+
+def _dist(a, b):
+    return float((a.double() - b.double()).norm())
+
+
+def _radius_loop(f, i, k):
+    return sorted(_dist(f[i], f[j]) for j in range(f.shape[0]) if j != i)[k - 1]
+
+
+def _prc_loop(real, fake, k):
+    r_real = [_radius_loop(real, i, k) for i in range(real.shape[0])]
+    r_fake = [_radius_loop(fake, j, k) for j in range(fake.shape[0])]
+    precision = sum(any(_dist(f, real[i]) <= r_real[i] for i in range(real.shape[0]))
+                    for f in fake) / fake.shape[0]
+    recall = sum(any(_dist(r, fake[j]) <= r_fake[j] for j in range(fake.shape[0]))
+                 for r in real) / real.shape[0]
+    coverage = sum(min(_dist(real[i], f) for f in fake) <= r_real[i]
+                   for i in range(real.shape[0])) / real.shape[0]
+    return precision, recall, coverage
+
+
+@pytest.mark.parametrize("block", [2048, 7])  # 7: several blocks, one ragged
+def test_precision_recall_coverage_match_loops(monkeypatch, block):
+    monkeypatch.setattr(Q, "BLOCK", block)
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(40, 3, generator=g)
+    fake = 0.7 * torch.randn(25, 3, generator=g) + 0.5  # overlaps real, narrower and shifted
+    out = Q.precision_recall_coverage(real, fake, k=3)
+    want = _prc_loop(real, fake, 3)
+    assert (out["precision"], out["recall"], out["coverage"]) == pytest.approx(want, abs=1e-12)
+    assert 0 < out["precision"] < 1 and 0 < out["recall"] < 1  # the case separates the three
+    radii = Q.knn_radii(real, 3)
+    assert radii.tolist() == pytest.approx([_radius_loop(real, i, 3) for i in range(40)])
+
+
+def test_precision_recall_coverage_bounds():
+    real = torch.randn(30, 4, generator=torch.Generator().manual_seed(1))
+    same = Q.precision_recall_coverage(real, real.clone())
+    assert (same["precision"], same["recall"], same["coverage"]) == (1.0, 1.0, 1.0)
+    far = Q.precision_recall_coverage(real, real + 1e3)
+    assert (far["precision"], far["recall"], far["coverage"]) == (0.0, 0.0, 0.0)
+    # One mode repeated: every copy is real-looking (precision 1), the set covers little.
+    mode = Q.precision_recall_coverage(real, real[:1].repeat(10, 1))
+    assert mode["precision"] == 1.0 and mode["coverage"] < 0.5
+
+
+def _fd_reference(a, b):
+    """The usual formula, tr((S_a S_b)^1/2) from the eigenvalues of the non-symmetric product."""
+    a, b = a.double(), b.double()
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    lam = torch.linalg.eigvals(s_a @ s_b)
+    cross = lam.sqrt().real.sum()
+    return float((a.mean(0) - b.mean(0)).square().sum() + s_a.trace() + s_b.trace() - 2 * cross)
+
+
+def test_frechet_distance_matches_the_usual_formula_and_closed_forms():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(200, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    b = torch.randn(150, 6, generator=g) * torch.linspace(0.5, 2.0, 6) + 1.0
+    fd = Q.frechet_distance(a, b)
+    ref = _fd_reference(a, b)
+    assert fd == pytest.approx(ref, rel=1e-9)
+    # A shift by c moves only the means: FD = |c|^2 exactly.
+    c = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, -1.0], dtype=torch.float64)
+    assert Q.frechet_distance(a.double(), a.double() + c) == pytest.approx(float(c @ c), rel=1e-9)
+    # A scale by s: S_b = s^2 S_a, so the trace term is (1 - s)^2 tr(S_a), means scale too.
+    s = 3.0
+    ad = a.double()
+    want = float(((1 - s) * ad.mean(0)).square().sum() + (1 - s) ** 2 * torch.cov(ad.T).trace())
+    assert Q.frechet_distance(ad, s * ad) == pytest.approx(want, rel=1e-9)
+    assert Q.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9 * float(torch.cov(ad.T).trace()))
+
+
+def test_frechet_distance_with_fewer_items_than_features_stays_finite():
+    # Features of 2048 from 100 images: rank-deficient covariances, as in the study.
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(20, 64, generator=g), torch.randn(30, 64, generator=g)
+    fd = Q.frechet_distance(a, b)
+    assert fd == pytest.approx(_fd_reference(a, b), rel=1e-6)
+
+
+class _Pick(torch.nn.Module):
+    """Logits = the image's pixels: predicts the brightest pixel's index."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x.flatten(1) + 0 * self.w
+
+
+def test_fidelity_counts_agreeing_labels():
+    x = torch.zeros(5, 1, 2, 2)
+    hot = [0, 3, 1, 1, 2]
+    for i, h in enumerate(hot):
+        x[i].view(-1)[h] = 1.0
+    y = torch.tensor([0, 3, 2, 1, 0])  # 3 of 5 agree
+    assert Q.fidelity(_Pick(), x, y, batch_size=2) == pytest.approx(60.0)
+
+
+def test_bad_features_are_named():
+    real = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        Q.precision_recall_coverage(real, torch.randn(10, 4))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        Q.frechet_distance(real, torch.full((10, 3), float("nan")))
+    with pytest.raises(ValueError, match="more than k=5"):
+        Q.precision_recall_coverage(real, real[:5])
+    with pytest.raises(ValueError, match="one label per image"):
+        Q.fidelity(_Pick(), torch.zeros(3, 1, 2, 2), torch.zeros(2, dtype=torch.long))
