@@ -29,6 +29,7 @@ class DataConfig:
     resolution: int = 0  # image side in pixels; 0 = the source's native size (256 for imagefolder)
     channels: int = 0  # image channels; 0 = the source's own (1 for digits/fashion-mnist, else 3)
     max_per_class: int = 0  # keep at most this many training images per class; 0 = all
+    holdout: int = 0  # the last N training images of each class: a validation split, unseen
     hflip: bool = True  # random horizontal flips in training (off for digits)
     cache_dir: str = ""  # latent cache folder; "" = $DDFAST_CACHE or ~/.cache/ddfast
     encode_batch_size: int = 32  # images per VAE forward when building the latent cache
@@ -343,6 +344,7 @@ def validate(cfg: Config) -> None:
         "data.resolution": cfg.data.resolution,
         "data.channels": cfg.data.channels,
         "data.max_per_class": cfg.data.max_per_class,
+        "data.holdout": cfg.data.holdout,
         "pretrain.steps": cfg.pretrain.steps,
         "optim.epochs": cfg.optim.epochs,
         "optim.steps": cfg.optim.steps,

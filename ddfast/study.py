@@ -60,6 +60,12 @@ class Scale:
     small_repeats: int = 0  # repeats under the IDC recipe (``small``); 0 = ``repeats``
     ablation_repeats: int = 0  # repeats of each ablation point; 0 = ``repeats``
     quality_per_class: int = 100  # generator quality: images per class sampled and measured
+    full_batch: int = 0  # batch of the full-data classifier; 0 = the recipe's
+    holdout: int = 0  # validation images per class, held out of every run (data.holdout)
+    # Sampling settings to choose from on the validation split: (guidance scale, sampler,
+    # steps). Empty: the preset's settings, no choice made.
+    sampling_grid: tuple[tuple[float, str, int], ...] = ()
+    val_per_class: int = 50  # images per class sampled for each candidate setting
 
     def repeats_of(self, protocol: str) -> int:
         return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
@@ -90,7 +96,9 @@ SCALES = {
     # Seconds, for tests: everything tiny.
     "smoke": {
         "digits": Scale(ipc=(1, 10), repeats=1, protocols=("dc",), full_epochs=1,
-                        ablations=True, eval_epochs=2, sweep=(4.0,), quality_per_class=8, base={
+                        ablations=True, eval_epochs=2, sweep=(4.0,), quality_per_class=8,
+                        holdout=5, val_per_class=6,
+                        sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)), base={
                             "data.max_per_class": "40", "pretrain.steps": "30",
                             "optim.steps": "10", "sample.steps": "5",
                             "memory.real_capacity": "4", "memory.gen_capacity": "4"}),
@@ -128,12 +136,18 @@ class Study:
         if self.scale.ablations and 10 not in self.scale.ipc:
             raise ConfigError("the ablations run at IPC 10: include 10 in the scale's IPCs")
         self.base = dict(self.scale.base)
+        if self.scale.holdout:
+            self.base["data.holdout"] = str(self.scale.holdout)
+        if self.scale.sampling_grid and not self.scale.holdout:
+            raise ConfigError("a sampling grid is chosen on held-out images: set the scale's "
+                              "holdout")
         if root:
             self.base["data.root"] = root
         if device != "auto":
             self.base["run.device"] = device
         self.base["run.progress"] = "on" if progress else "off"
-        self._data = self._real = self._full = self._test_f = None
+        self._data = self._real = self._full = self._test_f = self._val = None
+        self._sampling = None
 
     # ------------------------------------------------------------------------------ runs
     def config(self, name: str, overrides: dict, pretrain_only: bool = False):
@@ -168,7 +182,7 @@ class Study:
     def distilled(self, method: str, repeat: int, extra: dict | None = None,
                   tag: str = "", ipc: tuple[int, ...] | None = None) -> Path:
         o = {"model.dit": str(self.pretrained()), "run.seed": str(repeat),
-             "sample.seed": str(repeat),
+             "sample.seed": str(repeat), **self.sampling(),
              "sample.ipc": ",".join(str(i) for i in (ipc or self.scale.ipc)),
              **method_overrides(method), **(extra or {})}
         return self.train_run(f"{method}{tag}-r{repeat}", o) / "distilled"
@@ -190,14 +204,20 @@ class Study:
         if self._full is not None:
             return self._full
         from ddfast.eval.networks import build_network
-        from ddfast.eval.protocol import resolve_device, train_classifier
+        from ddfast.eval.protocol import get_protocol, resolve_device, train_classifier
 
         train, test_x, test_y = self.data()
         folder = self.work / "full"
         rec_path, w_path = folder / "result.json", folder / "convnet3.safetensors"
         dev = resolve_device(self.device)
+        batch = self.scale.full_batch or get_protocol("dc").batch_size
         if rec_path.is_file() and w_path.is_file():
             record = json.loads(rec_path.read_text())
+            had = (record["epochs"], record.get("batch_size", get_protocol("dc").batch_size))
+            if had != (self.scale.full_epochs, batch):
+                raise ConfigError(f"{folder} holds a full-data classifier of {had[0]} epochs at "
+                                  f"batch {had[1]}, this scale asks {self.scale.full_epochs} at "
+                                  f"{batch}: delete {folder} or use another --out")
             model = build_network("convnet3", num_classes=len(train.class_names),
                                   channels=train.channels, resolution=train.resolution)
             model.load_state_dict(load_tensors(w_path)[0])
@@ -208,8 +228,10 @@ class Study:
             x = train.images(range(len(train)))
             record, model, _ = train_classifier(
                 x, train.labels, test_x, test_y, protocol="dc", epochs=self.scale.full_epochs,
-                seed=0, device=dev, flip=self.flip, progress=self.progress, dataset=self.dataset)
-            record = {**record, "num_train": len(train), "seconds": time.perf_counter() - t}
+                batch_size=self.scale.full_batch or None, seed=0, device=dev, flip=self.flip,
+                progress=self.progress, dataset=self.dataset)
+            record = {**record, "num_train": len(train), "batch_size": batch,
+                      "seconds": time.perf_counter() - t}
             save_tensors(w_path, {k: v.detach().cpu().contiguous() for k, v in
                                   model.state_dict().items()}, {"network": "convnet3"})
             write_json(rec_path, record)
@@ -274,20 +296,75 @@ class Study:
         write_json(path, cell)
         return cell
 
-    def quality_cell(self, key: str, x, y) -> dict:
+    def quality_cell(self, key: str, x, y, against: str = "test") -> dict:
         """Fidelity, Fréchet distance, precision, recall and coverage of the images x (labels y)
-        against the test images, in the full-data classifier's features. Cached by key."""
+        against the test images (or the held-out validation images, ``against="val"``), in the
+        full-data classifier's features. Cached by key under ``quality/`` (``sampling/``)."""
         from ddfast.eval.quality import quality
 
-        path = self.work / "quality" / f"{key}.json"
+        folder = "quality" if against == "test" else "sampling"
+        path = self.work / folder / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        log(f"[study] quality {key}")
+        log(f"[study] quality {key} against the {against} images")
         _, model = self.full_classifier()
-        cell = {"key": key, "per_class": int(torch.bincount(y).min()),
-                **quality(model, self._normalised(x), y, self.test_features())}
+        ref = self.test_features() if against == "test" else self.validation()[2]
+        cell = {"key": key, "against": against, "per_class": int(torch.bincount(y).min()),
+                **quality(model, self._normalised(x), y, ref)}
         write_json(path, cell)
         return cell
+
+    def validation(self):
+        """The held-out training images (the last ``holdout`` of each class, never trained on
+        by any run): (images, labels, full-data classifier features)."""
+        if self._val is None:
+            from ddfast.train import holdout_indices
+
+            if not self.scale.holdout:
+                raise ConfigError("this scale holds no validation images out (holdout 0)")
+            train, _, _ = self.data()
+            idx = holdout_indices(train.labels, self.scale.holdout)
+            x = train.images(idx)
+            self._val = (x, train.labels[idx], self._features(x))
+        return self._val
+
+    def sampling(self) -> dict:
+        """The sampling settings every distilled set uses: the grid point whose samples lie
+        closest to the validation images (lowest Fréchet distance in the full-data classifier's
+        features), or none (the preset's) without a grid. Chosen once, written to
+        ``work/sampling.json``; the test split plays no part."""
+        from ddfast.eval.protocol import load_folder_set
+
+        grid = self.scale.sampling_grid
+        if not grid:
+            return {}
+        if self._sampling is not None:
+            return self._sampling
+        path = self.work / "sampling.json"
+        if path.is_file():
+            self._sampling = json.loads(path.read_text())["chosen"]
+            return self._sampling
+        q = self.scale.val_per_class
+        points = []
+        for guidance, sampler, steps in grid:
+            o = {"sample.guidance_scale": f"{guidance:g}", "sample.sampler": sampler,
+                 "sample.steps": str(steps)}
+            tag = f"-g{guidance:g}-{sampler}{steps}"
+            o_run = {"model.dit": str(self.pretrained()), "run.seed": "0", "sample.seed": "0",
+                     "sample.ipc": str(q), "objective.method": "dit", **o}
+            folder = self.train_run(f"sampling{tag}", o_run) / "distilled"
+            x, y, _ = load_folder_set(folder, ipc=q)
+            cell = self.quality_cell(f"val{tag}", x, y, against="val")
+            points.append({"guidance_scale": guidance, "sampler": sampler, "steps": steps,
+                           "settings": o, **{k: cell[k] for k in
+                                             ("fidelity", "fd", "precision", "recall",
+                                              "coverage")}})
+        best = min(points, key=lambda p: p["fd"])
+        write_json(path, {"criterion": "lowest Fréchet distance to the validation images",
+                          "per_class": q, "holdout": self.scale.holdout, "points": points,
+                          "chosen": best["settings"]})
+        self._sampling = best["settings"]
+        return self._sampling
 
     def generator_quality(self, methods: tuple[str, ...]) -> None:
         """The generator itself (``dit``: the from-scratch model, sampled with the study's
@@ -318,6 +395,7 @@ class Study:
         """Compute every missing cell of ``methods`` (the ablations go with ours-step)."""
         s = self.scale
         self.full_classifier()
+        self.sampling()
         self.generator_quality(methods)
         for method in methods:
             for r in range(s.repeats):

@@ -78,7 +78,9 @@ def collect(study) -> dict:
                       for p in sorted(study.work.glob("*/summary.json")))
     eval_seconds = sum(json.loads(p.read_text())["seconds"]
                        for p in sorted((study.work / "evals").glob("*.json")))
+    sampling_path = study.work / "sampling.json"
     return {
+        "sampling": json.loads(sampling_path.read_text()) if sampling_path.is_file() else None,
         "quality": quality(study),
         "mechanism": mechanism(study),
         "dataset": study.dataset, "scale": study.scale_name,
@@ -200,6 +202,19 @@ def markdown(res: dict) -> str:
             cov = "-" if r["coverage"] is None else f"{r['coverage']['mean']:.3f}"
             cells.append(f"{pw} / {cov}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    if res.get("sampling"):
+        sw = res["sampling"]
+        lines += ["", f"Sampling settings, chosen on {sw['holdout']} held-out training images "
+                  f"per class (never trained on) by {sw['criterion']}; {sw['per_class']} "
+                  "samples per class of the from-scratch model per setting, measured in the "
+                  "full-data ConvNet-3's features. The chosen row is in bold.", "",
+                  "| guidance | sampler | steps | fidelity | Fréchet distance | precision | "
+                  "recall | coverage |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for p in sw["points"]:
+            b = "**" if p["settings"] == sw["chosen"] else ""
+            lines.append(f"| {b}{p['guidance_scale']:g}{b} | {p['sampler']} | {p['steps']} | "
+                         f"{p['fidelity']:.1f} | {b}{p['fd']:.3g}{b} | {p['precision']:.3f} | "
+                         f"{p['recall']:.3f} | {p['coverage']:.3f} |")
     if res.get("quality"):
         lines += ["", "Sample quality in the full-data ConvNet-3's features against every test "
                   "image: fidelity (the classifier's accuracy on the images, %), Fréchet "
@@ -293,6 +308,26 @@ def plots(res: dict, out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         paths.append(_save(fig, out / "mechanism.png", plt))
+    if res.get("sampling"):
+        sw = res["sampling"]
+        keys = (("fd", "Fréchet distance to the validation images"),
+                ("fidelity", "fidelity (%)"), ("recall", "recall"))
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.3), squeeze=False)
+        for ax, (key, title) in zip(axes[0], keys, strict=True):
+            for sampler, steps in dict.fromkeys((p["sampler"], p["steps"]) for p in sw["points"]):
+                pts = sorted((p for p in sw["points"]
+                              if (p["sampler"], p["steps"]) == (sampler, steps)),
+                             key=lambda p: p["guidance_scale"])
+                ax.plot([p["guidance_scale"] for p in pts], [p[key] for p in pts], marker="o",
+                        label=f"{sampler}, {steps} steps")
+            chosen = next(p for p in sw["points"] if p["settings"] == sw["chosen"])
+            ax.plot([chosen["guidance_scale"]], [chosen[key]], "k*", ms=12, label="chosen")
+            ax.set_xlabel("guidance scale")
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(_save(fig, out / "sampling.png", plt))
     if res["ablations"]:
         abl = res["ablations"]
         fig, axes = plt.subplots(1, len(abl), figsize=(3.6 * len(abl), 3.2), squeeze=False)

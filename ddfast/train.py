@@ -110,6 +110,32 @@ def cap_per_class(labels: torch.Tensor, limit: int) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.int64)
 
 
+def holdout_indices(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the last ``n`` items of every class, in source order: the validation split
+    (``data.holdout``). The first items stay in training, so the random-real baseline (the first
+    IPC of each class) is the same with or without a holdout. Every class keeps at least one
+    training item, or this raises."""
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    counts = torch.bincount(labels)
+    short = [c for c, k in enumerate(counts.tolist()) if 0 < k <= n]
+    if short:
+        raise ConfigError(f"data.holdout={n} would leave classes {short[:10]} without training "
+                          f"images (smallest class: {int(counts[counts > 0].min())}): pass a "
+                          f"smaller holdout")
+    out = []
+    for c in torch.nonzero(counts).flatten().tolist():
+        out.append(torch.nonzero(labels == c).flatten()[-n:])
+    return torch.sort(torch.cat(out)).values
+
+
+def training_indices(labels: torch.Tensor, max_per_class: int, holdout: int) -> torch.Tensor:
+    """The items a run trains on: the holdout removed, then the first ``max_per_class``."""
+    held = set(holdout_indices(labels, holdout).tolist())
+    rest = torch.tensor([i for i in range(labels.shape[0]) if i not in held], dtype=torch.int64)
+    return rest[cap_per_class(labels[rest], max_per_class)]
+
+
 def _is_folder(spec: str) -> bool:
     return bool(spec) and Path(spec).expanduser().exists()
 
@@ -201,7 +227,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     # Refuse an occupied run folder before spending anything; write only once the data is read.
     prepare_run_dir(out, config_json=cfg.to_json(), resume=resume, overwrite=overwrite,
                     write=False)
-    indices = cap_per_class(source.labels, cfg.data.max_per_class)
+    indices = training_indices(source.labels, cfg.data.max_per_class, cfg.data.holdout)
     for turn in (True, False):  # rank 0 fills the latent cache first; the others then read it
         if turn == main:
             latents = build_latents(source, vae, indices=indices,

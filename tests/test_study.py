@@ -87,6 +87,39 @@ def test_quality_cells_measure_the_sets_they_name(study_dir):
     assert f"| DiT (no fine-tune), IPC {q} (a sample of the generator) | {10 * q} |" in md
 
 
+def test_sampling_is_chosen_on_held_out_images_and_used_by_every_set(study_dir):
+    from ddfast.train import holdout_indices
+
+    res = json.loads((study_dir / "results.json").read_text())
+    scale = SCALES["smoke"]["digits"]
+    sw = res["sampling"]
+    assert [(p["guidance_scale"], p["sampler"], p["steps"]) for p in sw["points"]] == [
+        tuple(g) for g in scale.sampling_grid]
+    best = min(sw["points"], key=lambda p: p["fd"])
+    assert sw["chosen"] == best["settings"]
+    for p in sw["points"]:  # each point is the cell of its own run, measured on the holdout
+        cell = json.loads((study_dir / "work" / "sampling" /
+                           f"val-g{p['guidance_scale']:g}-{p['sampler']}{p['steps']}.json")
+                          .read_text())
+        assert cell["against"] == "val" and cell["fd"] == p["fd"]
+        assert cell["n"] == 10 * scale.val_per_class
+    work = study_dir / "work"
+    assert json.loads((work / "base" / "config.json").read_text())["data"]["holdout"] == 5
+    for method in ("dit", "minimax", "ours-step", "dit-quality"):
+        cfg = json.loads((work / f"{method}-r0" / "config.json").read_text())
+        assert cfg["data"]["holdout"] == 5
+        assert cfg["sample"]["guidance_scale"] == float(sw["chosen"]["sample.guidance_scale"])
+        assert cfg["sample"]["sampler"] == sw["chosen"]["sample.sampler"]
+    study = Study("digits", "smoke", study_dir)
+    _, val_y, val_f = study.validation()
+    train = study.data()[0]
+    assert val_y.tolist() == train.labels[holdout_indices(train.labels, 5)].tolist()
+    assert val_f.shape[0] == 50
+    md = (study_dir / "results.md").read_text()
+    assert "Sampling settings, chosen on 5 held-out training images per class" in md
+    assert "sampling.png" in res["plots"]
+
+
 def test_the_runs_differ_by_method_and_share_one_model(study_dir):
     work = study_dir / "work"
     base = json.loads((work / "base" / "config.json").read_text())
@@ -146,3 +179,16 @@ def test_bad_study_arguments(tmp_path, capsys):
                  "--methods", "random,dsa"]) == 2
     assert "unknown method(s) dsa" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_a_full_classifier_of_other_settings_is_refused(study_dir):
+    rec = study_dir / "work" / "full" / "result.json"
+    original = rec.read_text()
+    data = json.loads(original)
+    data["batch_size"] = 7
+    rec.write_text(json.dumps(data))
+    try:
+        with pytest.raises(ConfigError, match="full-data classifier of 1 epochs at batch 7"):
+            Study("digits", "smoke", study_dir).full_classifier()
+    finally:
+        rec.write_text(original)

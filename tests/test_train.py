@@ -297,3 +297,24 @@ def test_term_gradient_norms_have_their_closed_form():
         # float32 copy of abar): about 1e-7 measured on AVX512 and default kernels; 1e-6 is ~17
         # float32 roundings, any x86-64 CPU and thread count.
         assert float(got[k]) == pytest.approx(sq ** 0.5, rel=1e-6), k
+
+
+def test_holdout_is_the_last_items_of_each_class_and_leaves_the_first():
+    from ddfast.errors import ConfigError
+    from ddfast.eval.protocol import first_per_class
+    from ddfast.train import holdout_indices, training_indices
+
+    labels = torch.tensor([0, 1, 0, 1, 0, 2, 2, 1, 0])
+    assert holdout_indices(labels, 1).tolist() == [6, 7, 8]
+    assert training_indices(labels, 0, 1).tolist() == [0, 1, 2, 3, 4, 5]
+    assert training_indices(labels, 1, 1).tolist() == [0, 1, 5]  # then the first of each class
+    assert training_indices(labels, 0, 0).tolist() == list(range(9))
+    # The random-real baseline (the first IPC of each class) never meets the holdout.
+    big = torch.arange(300) % 7
+    held = set(holdout_indices(big, 20).tolist())
+    assert len(held) == 140 and not held & set(first_per_class(big, 10, 7).tolist())
+    assert sorted(held | set(training_indices(big, 0, 20).tolist())) == list(range(300))
+    with pytest.raises(ConfigError, match=r"data.holdout=2 would leave classes \[2\]"):
+        training_indices(labels, 0, 2)
+    with pytest.raises(ConfigError, match="data.holdout must not be negative"):
+        resolve("smoke", {"data.holdout": "-1"})
