@@ -361,6 +361,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         "run_folder": str(out),
         "distilled": str(distilled),
         "ipc": list(cfg.sample.ipc),
+        "training_images": len(latents),
+        "held_out": cfg.data.holdout * len(source.class_names),
         "model": str(out / "model") if cfg.objective.method != "dit" else None,
         "grids": [str(p) for p in grids],
         "evaluation": str(out / "eval" / "results.md") if table else None,

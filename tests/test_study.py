@@ -105,6 +105,8 @@ def test_sampling_is_chosen_on_held_out_images_and_used_by_every_set(study_dir):
         assert cell["n"] == 10 * scale.val_per_class
     work = study_dir / "work"
     assert json.loads((work / "base" / "config.json").read_text())["data"]["holdout"] == 5
+    base = json.loads((work / "base" / "summary.json").read_text())
+    assert (base["training_images"], base["held_out"]) == (400, 50)  # 40 of each class kept
     for method in ("dit", "minimax", "ours-step", "dit-quality"):
         cfg = json.loads((work / f"{method}-r0" / "config.json").read_text())
         assert cfg["data"]["holdout"] == 5
