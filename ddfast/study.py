@@ -66,6 +66,9 @@ class Scale:
     # steps). Empty: the preset's settings, no choice made.
     sampling_grid: tuple[tuple[float, str, int], ...] = ()
     val_per_class: int = 50  # images per class sampled for each candidate setting
+    # lambda_g at these multiples of its default (ours, per step, repeat 0, IPC 10): how strong
+    # must the diversity term be before it visibly changes the samples?
+    lambda_g_factors: tuple[float, ...] = ()
 
     def repeats_of(self, protocol: str) -> int:
         return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
@@ -88,7 +91,8 @@ SCALES = {
     # recipe only (about 12 min of one core per IPC-10 evaluation), no ablations.
     "cpu": {
         "digits": Scale(ipc=(1, 10), repeats=3, protocols=("dc", "small"), full_epochs=100,
-                        ablations=True, small_repeats=1, ablation_repeats=2),
+                        ablations=True, small_repeats=1, ablation_repeats=2,
+                        lambda_g_factors=(0.0, 25.0, 250.0, 2500.0)),
         "fashion-mnist": Scale(
             ipc=(1, 10), repeats=3, protocols=("dc",), full_epochs=4, full_batch=64,
             ablations=False, holdout=500, val_per_class=50,
@@ -104,7 +108,7 @@ SCALES = {
     "smoke": {
         "digits": Scale(ipc=(1, 10), repeats=1, protocols=("dc",), full_epochs=1,
                         ablations=True, eval_epochs=2, sweep=(4.0,), quality_per_class=8,
-                        holdout=5, val_per_class=6,
+                        holdout=5, val_per_class=6, lambda_g_factors=(0.0, 100.0),
                         sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)), base={
                             "data.max_per_class": "40", "pretrain.steps": "30",
                             "optim.steps": "10", "sample.steps": "5",
@@ -419,6 +423,17 @@ class Study:
                 for r in range(s.ablation_repeats or s.repeats):
                     x, y = self.method_set("ours-step", r, 10, extra, tag)
                     self.evaluate_cell(f"ours-step{tag}-r{r}-ipc10-dc", x, y, "dc", r)
+        if "ours-step" in methods:
+            for _value, tag, extra in self.lambda_g_points():
+                x, y = self.method_set("ours-step", 0, 10, extra, tag)
+                self.evaluate_cell(f"ours-step{tag}-r0-ipc10-dc", x, y, "dc", 0)
+
+    def lambda_g_points(self):
+        """(value, tag, overrides) of the lambda_g sweep."""
+        default = self.config("probe", {}).objective.lambda_g
+        for f in self.scale.lambda_g_factors:
+            value = default * f
+            yield value, f"-lambda_g{value:g}", {"objective.lambda_g": str(value)}
 
     def ablation_points(self):
         """(setting, tag, overrides) for every swept value off the default."""

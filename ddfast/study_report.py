@@ -80,6 +80,7 @@ def collect(study) -> dict:
                        for p in sorted((study.work / "evals").glob("*.json")))
     sampling_path = study.work / "sampling.json"
     return {
+        "lambda_g": lambda_g_sweep(study),
         "sampling": json.loads(sampling_path.read_text()) if sampling_path.is_file() else None,
         "quality": quality(study),
         "mechanism": mechanism(study),
@@ -100,6 +101,42 @@ def collect(study) -> dict:
                     "total": round(run_seconds + eval_seconds + (full["seconds"] if full else 0),
                                    1)},
     }
+
+
+def _distilled_set(study, run: str, ipc: int):
+    """(images, labels) of a finished run's distilled set, or None."""
+    from ddfast.eval.protocol import load_folder_set
+
+    folder = study.work / run / "distilled"
+    if not (folder / "manifest.json").is_file():
+        return None
+    x, y, _ = load_folder_set(folder, ipc=ipc)
+    return x, y
+
+
+def lambda_g_sweep(study) -> list[dict]:
+    """The lambda_g sweep at IPC 10, repeat 0, with the default in it: accuracy and diversity
+    (from the cells), and how far the samples moved from the default's (same seeds, so the
+    same initial noise): mean and largest absolute change, in grey levels of 255."""
+    if not study.scale.lambda_g_factors:
+        return []
+    default = study.config("probe", {}).objective.lambda_g
+    base = _distilled_set(study, "ours-step-r0", 10)
+    points = [(default, "", True)] + [(v, tag, False) for v, tag, _ in study.lambda_g_points()]
+    out = []
+    for value, tag, is_default in sorted(points, key=lambda p: p[0]):
+        cells = _cells(study, f"ours-step{tag}", 10, "dc", 1)
+        cur = _distilled_set(study, f"ours-step{tag}-r0", 10)
+        change = None
+        if base is not None and cur is not None and base[0].shape == cur[0].shape:
+            diff = (cur[0].double() - base[0].double()).abs()
+            change = {"mean": float(diff.mean()), "max": float(diff.max())}
+        out.append({"lambda_g": value, "default": is_default, "tag": tag,
+                    "accuracy": cells[0]["acc_best"] if cells else None,
+                    "pairwise": cells[0]["pairwise"] if cells else None,
+                    "coverage": cells[0]["coverage"] if cells else None,
+                    "pixel_change": change})
+    return out
 
 
 QUALITY_KEYS = ("fidelity", "fd", "precision", "recall", "coverage")
@@ -238,6 +275,21 @@ def markdown(res: dict) -> str:
         for method, c in res["mechanism"].items():
             cells = [f"{c[k][-1]:.3g}" if k in c else "-" for k in MECHANISM_KEYS]
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    if res.get("lambda_g"):
+        lines += ["", "lambda_g sweep (ours, adaptive per step, repeat 0, IPC 10, DC/DSA recipe, "
+                  "one run each): accuracy (%), diversity, and how far the samples moved from "
+                  "the default's (same seeds): mean / largest absolute change in grey levels "
+                  "of 255. The default is in bold.", "",
+                  "| lambda_g | accuracy | pairwise | coverage | pixel change |",
+                  "|---:|---:|---:|---:|---:|"]
+        for p in res["lambda_g"]:
+            v = f"**{p['lambda_g']:g}**" if p["default"] else f"{p['lambda_g']:g}"
+            acc = "not run" if p["accuracy"] is None else f"{p['accuracy']:.1f}"
+            pw = "-" if p["pairwise"] is None else f"{p['pairwise']:.4f}"
+            cov = "-" if p["coverage"] is None else f"{p['coverage']:.3f}"
+            ch = ("-" if p["pixel_change"] is None else
+                  f"{p['pixel_change']['mean']:.2f} / {p['pixel_change']['max']:.0f}")
+            lines.append(f"| {v} | {acc} | {pw} | {cov} | {ch} |")
     if res["ablations"]:
         lines += ["", "Ablations (ours, adaptive per step, IPC 10, DC/DSA recipe): accuracy (%) "
                   "mean [min, max]; the default is in bold.", ""]
@@ -308,6 +360,27 @@ def plots(res: dict, out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         paths.append(_save(fig, out / "mechanism.png", plt))
+    lg = [p for p in res.get("lambda_g") or [] if p["accuracy"] is not None]
+    if lg:
+        fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.3))
+        xs = [p["lambda_g"] for p in lg]
+        axes[0].plot(xs, [p["accuracy"] for p in lg], marker="o")
+        axes[0].set_ylabel("test accuracy (%), IPC 10")
+        moved = [p for p in lg if p["pixel_change"] is not None]
+        axes[1].plot([p["lambda_g"] for p in moved],
+                     [p["pixel_change"]["mean"] for p in moved], marker="o", label="mean")
+        axes[1].plot([p["lambda_g"] for p in moved],
+                     [p["pixel_change"]["max"] for p in moved], marker="x", label="largest")
+        axes[1].set_ylabel("change from the default's samples (grey levels)")
+        axes[1].legend(fontsize=7)
+        default = next(p["lambda_g"] for p in res["lambda_g"] if p["default"])
+        for ax in axes:
+            ax.set_xscale("symlog", linthresh=default)
+            ax.axvline(default, color="k", ls=":", lw=1)
+            ax.set_xlabel("lambda_g (dotted: default)")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(_save(fig, out / "lambda_g.png", plt))
     if res.get("sampling"):
         sw = res["sampling"]
         keys = (("fd", "Fréchet distance to the validation images"),
@@ -359,27 +432,33 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def grids(study, out: Path, columns: int = 10) -> list[Path]:
-    """One PNG per method (repeat 0, up to ``columns`` images per class, one row per class)."""
-    from ddfast.eval.protocol import load_folder_set, load_source_set
+def _write_grid(path: Path, x: torch.Tensor, per_class: int) -> Path:
+    """x (N, C, H, W) uint8, class by class: one row per class, upscaled to at least 32 px."""
     from ddfast.sample import grid
+
+    tiles = [t[0] if t.shape[0] == 1 else t.permute(1, 2, 0) for t in x]  # (H, W[, 3])
+    write_png(path, grid([t.numpy() for t in tiles], per_class, upscale=max(1, 32 // x.shape[-1])))
+    return path
+
+
+def grids(study, out: Path, columns: int = 10) -> list[Path]:
+    """One PNG per method (repeat 0, up to ``columns`` images per class, one row per class), and
+    one per point of the lambda_g sweep."""
+    from ddfast.eval.protocol import load_source_set
     from ddfast.study import METHODS
 
     ipc = min(columns, max(study.scale.ipc))
     paths = []
     for method in METHODS:
-        if method == "random":
-            x, y, _ = load_source_set(study.data()[0], ipc)
-        else:
-            folder = study.work / f"{method}-r0" / "distilled"
-            if not (folder / "manifest.json").is_file():
-                continue
-            x, y, _ = load_folder_set(folder, ipc=ipc)
-        tiles = [t[0] if t.shape[0] == 1 else t.permute(1, 2, 0) for t in x]  # (H, W[, 3])
-        upscale = max(1, 32 // x.shape[-1])
-        path = out / "grids" / f"{method}.png"
-        write_png(path, grid([t.numpy() for t in tiles], ipc, upscale=upscale))
-        paths.append(path)
+        got = (load_source_set(study.data()[0], ipc)[:2] if method == "random" else
+               _distilled_set(study, f"{method}-r0", ipc))
+        if got is not None:
+            paths.append(_write_grid(out / "grids" / f"{method}.png", got[0], ipc))
+    for value, tag, _ in study.lambda_g_points():
+        got = _distilled_set(study, f"ours-step{tag}-r0", 10)
+        if got is not None:
+            paths.append(_write_grid(out / "grids" / f"ours-step-lambda_g{value:g}.png", got[0],
+                                     10))
     return paths
 
 

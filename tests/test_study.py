@@ -44,7 +44,17 @@ def test_results_are_read_from_the_cells(study_dir):
     assert "| random real |" in md and "not run" not in md
     for rel in res["plots"] + res["grids"]:
         assert (study_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(res["grids"]) == len(METHODS)
+    assert len(res["grids"]) == len(METHODS) + len(scale.lambda_g_factors)
+    # the lambda_g sweep: the default and each factor, every row read from its cell and sets
+    sweep = res["lambda_g"]
+    default = 0.008
+    assert [p["lambda_g"] for p in sweep] == pytest.approx(
+        sorted([default] + [default * f for f in scale.lambda_g_factors]))
+    for p in sweep:
+        key = "ours-step-r0-ipc10-dc" if p["default"] else f"ours-step{p['tag']}-r0-ipc10-dc"
+        assert p["accuracy"] == _cell(study_dir, key)["acc_best"]
+    assert next(p for p in sweep if p["default"])["pixel_change"] == {"mean": 0.0, "max": 0.0}
+    assert "lambda_g.png" in res["plots"] and "| **0.008** |" in md
     # the mechanism: each memory method's curves, the mean over its runs' logged values
     mech = res["mechanism"]
     assert set(mech) == {"minimax", "ours-step", "ours-epoch"} and "mechanism.png" in res["plots"]
