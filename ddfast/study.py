@@ -85,7 +85,7 @@ SCALES = {
     # Sized for 2 CPU cores: digits complete at IPC 1 and 10 (the IDC recipe, 1000 epochs,
     # once per method; ablation points twice). Fashion-MNIST: a micro DiT with 4x4 patches
     # (49 tokens; 7x7 patches, 16 tokens, sampled smudges: a token of 49 pixels is too much for
-    # a hidden size of 128) trained for 10,000 steps of 128 (21 epochs, about 75 min of one
+    # a hidden size of 128) trained for 8,000 steps of 128 (17 epochs, about 80 min of one
     # core); 500 training images per class held out to choose the sampling settings; the
     # full-data classifier 4 epochs at batch 64 (91.1 % on the test split, 18 min); the DC/DSA
     # recipe only (about 12 min of one core per IPC-10 evaluation), no ablations.
@@ -99,7 +99,7 @@ SCALES = {
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddim", 50)),
-            base={"model.dit": "micro", "model.patch_size": "4", "pretrain.steps": "10000",
+            base={"model.dit": "micro", "model.patch_size": "4", "pretrain.steps": "8000",
                   "pretrain.lr": "2e-3", "pretrain.batch_size": "128", "pretrain.warmup": "500",
                   "pretrain.ema_decay": "0.999", "optim.steps": "300",
                   "sample.batch_size": "500"}),
