@@ -142,6 +142,10 @@ class Config:
         for key in NON_RESULT_KEYS:
             section, name = key.split(".")
             d[section].pop(name, None)
+        for key, neutral in LATER_KEYS.items():  # at their neutral value: as before they existed
+            section, name = key.split(".")
+            if d[section].get(name) == neutral:
+                d[section].pop(name)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -164,9 +168,13 @@ class Config:
         return "fifo" if self.objective.method == "minimax" else "adaptive"
 
 
-# Settings that do not change results: outside the digest, and free to change on --resume.
+# Settings added after runs were first written, with the value that reproduces the old behaviour:
+# left out of the digest at that value, so an older run folder still resumes and matches.
+LATER_KEYS = {"data.holdout": 0}
+# Settings that do not change results: outside the digest, and free to change on --resume
+# (eval.baseline adds the random-real row beside the method's; the method's figures stay).
 NON_RESULT_KEYS = ("run.out", "run.device", "run.progress", "run.log_every", "run.ckpt_every",
-                   "run.compile")
+                   "run.compile", "eval.baseline")
 
 # Allowed values of string fields with a closed set of choices.
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -86,6 +86,22 @@ def test_cli_flags_aliases_and_equals_form():
         parse_cli_overrides(["--ipc"])
 
 
+def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
+    import hashlib
+    import json
+
+    from ddfast.config import NON_RESULT_KEYS
+
+    cfg = resolve("smoke")
+    old = cfg.to_dict()  # as written before data.holdout existed
+    for key in NON_RESULT_KEYS + ("data.holdout",):
+        section, name = key.split(".")
+        old[section].pop(name)
+    want = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.digest() == want
+    assert resolve("smoke", {"data.holdout": "3"}).digest() != want
+
+
 def test_json_round_trip_and_digest():
     cfg = resolve("smoke", {"sample.ipc": "3,4", "data.root": "/data"})
     back = Config.from_dict(json.loads(cfg.to_json()))
