@@ -423,10 +423,18 @@ class Study:
                 for r in range(s.ablation_repeats or s.repeats):
                     x, y = self.method_set("ours-step", r, 10, extra, tag)
                     self.evaluate_cell(f"ours-step{tag}-r{r}-ipc10-dc", x, y, "dc", r)
-        if "ours-step" in methods:
-            for _value, tag, extra in self.lambda_g_points():
+        if "ours-step" in methods and s.lambda_g_factors:
+            x0, _ = self.method_set("ours-step", 0, 10)
+            for value, tag, extra in self.lambda_g_points():
                 x, y = self.method_set("ours-step", 0, 10, extra, tag)
                 self.evaluate_cell(f"ours-step{tag}-r0-ipc10-dc", x, y, "dc", 0)
+                path = self.work / "lambda_g" / f"ours-step{tag}-r0-ipc10.json"
+                if not path.is_file():
+                    # Same per-image seeds, so the same initial noise: the change is the term's.
+                    diff = (x.double() - x0.double()).abs()
+                    write_json(path, {"lambda_g": value, "grey_levels": 255,
+                                      "pixel_change_mean": float(diff.mean()),
+                                      "pixel_change_max": float(diff.max())})
 
     def lambda_g_points(self):
         """(value, tag, overrides) of the lambda_g sweep."""

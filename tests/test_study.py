@@ -54,6 +54,14 @@ def test_results_are_read_from_the_cells(study_dir):
         key = "ours-step-r0-ipc10-dc" if p["default"] else f"ours-step{p['tag']}-r0-ipc10-dc"
         assert p["accuracy"] == _cell(study_dir, key)["acc_best"]
     assert next(p for p in sweep if p["default"])["pixel_change"] == {"mean": 0.0, "max": 0.0}
+    study = Study("digits", "smoke", study_dir)
+    x0, _ = study.method_set("ours-step", 0, 10)
+    for _value, tag, extra in study.lambda_g_points():  # recomputed from the sets themselves
+        x, _ = study.method_set("ours-step", 0, 10, extra, tag)
+        p = next(p for p in sweep if p["tag"] == tag)
+        diff = (x.double() - x0.double()).abs()
+        assert p["pixel_change"] == pytest.approx({"mean": float(diff.mean()),
+                                                   "max": float(diff.max())})
     assert "lambda_g.png" in res["plots"] and "| **0.008** |" in md
     # the mechanism: each memory method's curves, the mean over its runs' logged values
     mech = res["mechanism"]
