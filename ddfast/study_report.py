@@ -289,6 +289,12 @@ def markdown(res: dict) -> str:
             ch = ("-" if p["pixel_change"] is None else
                   f"{p['pixel_change']['mean']:.2f} / {p['pixel_change']['max']:.0f}")
             lines.append(f"| {v} | {acc} | {pw} | {cov} | {ch} |")
+        real = next((r for r in res["rows"] if (r["protocol"], r["method"], r["ipc"])
+                     == ("dc", "random", 10)), None)
+        if real and real["accuracy"]:
+            pw = "-" if real["pairwise"] is None else f"{real['pairwise']['mean']:.4f}"
+            lines.append(f"| random real (same recipe) | {_fmt(real['accuracy'])} | {pw} | "
+                         f"{real['coverage']['mean']:.3f} | - |")
     if res["ablations"]:
         lines += ["", "Ablations (ours, adaptive per step, IPC 10, DC/DSA recipe): accuracy (%) "
                   "mean [min, max]; the default is in bold.", ""]

@@ -63,6 +63,8 @@ def test_results_are_read_from_the_cells(study_dir):
         assert p["pixel_change"] == pytest.approx({"mean": float(diff.mean()),
                                                    "max": float(diff.max())})
     assert "lambda_g.png" in res["plots"] and "| **0.008** |" in md
+    real = _cell(study_dir, "random-r0-ipc10-dc")["acc_best"]
+    assert f"| random real (same recipe) | {real:.1f} |" in md.split("lambda_g sweep")[1]
     # the mechanism: each memory method's curves, the mean over its runs' logged values
     mech = res["mechanism"]
     assert set(mech) == {"minimax", "ours-step", "ours-epoch"} and "mechanism.png" in res["plots"]
