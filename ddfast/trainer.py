@@ -245,13 +245,16 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
         if bank is not None:
             bank.load_state_dict(ck["memory"])
         start = ck["step"]
-        if dist.main:
-            # Log lines written after this checkpoint, before the kill, will be written again.
-            kept = [r for r in read_jsonl(metrics_path)
-                    if r.get("stage") != spec.name or r.get("step", 0) <= start]
+        if dist.main and start < spec.steps:
+            log(f"[{spec.name}] resuming at step {start}/{spec.steps}")
+    if dist.main and metrics_path.is_file():
+        # Log lines of this stage written after the checkpoint (all of them when there is none:
+        # a run folder whose outputs were deleted, or that holds only its committed logs) will
+        # be written again; keep each step's line once.
+        rows = read_jsonl(metrics_path)
+        kept = [r for r in rows if r.get("stage") != spec.name or r.get("step", 0) <= start]
+        if len(kept) != len(rows):
             write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-            if start < spec.steps:
-                log(f"[{spec.name}] resuming at step {start}/{spec.steps}")
 
     def checkpoint(step: int) -> None:
         if not dist.main:
