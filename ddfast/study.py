@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from ddfast.config import resolve
+from ddfast.config import Config, resolve
 from ddfast.errors import ConfigError, DdfastError
-from ddfast.io import load_tensors, save_tensors, write_json
+from ddfast.io import load_tensors, read_jsonl, save_tensors, write_json, write_text
 from ddfast.progress import log
 
 METHODS = ("random", "dit", "minimax", "ours-step", "ours-epoch")
@@ -69,6 +69,10 @@ class Scale:
     # lambda_g at these multiples of its default (ours, per step, repeat 0, IPC 10): how strong
     # must the diversity term be before it visibly changes the samples?
     lambda_g_factors: tuple[float, ...] = ()
+    # IPCs measured once (repeat 0): each set is sampled by a run of its own from the model of
+    # the method's repeat-0 run, so that run, and the cells of the other IPCs, keep their
+    # settings when a larger IPC is added.
+    ipc_once: tuple[int, ...] = ()
 
     def repeats_of(self, protocol: str) -> int:
         return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
@@ -95,7 +99,8 @@ SCALES = {
                         lambda_g_factors=(0.0, 25.0, 250.0, 2500.0)),
         "fashion-mnist": Scale(
             ipc=(1, 10), repeats=3, protocols=("dc",), full_epochs=4, full_batch=64,
-            ablations=False, holdout=500, val_per_class=50,
+            ablations=False, holdout=500, val_per_class=50, ipc_once=(50,),
+            lambda_g_factors=(25.0, 250.0),
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddim", 50)),
@@ -108,6 +113,7 @@ SCALES = {
     "smoke": {
         "digits": Scale(ipc=(1, 10), repeats=1, protocols=("dc",), full_epochs=1,
                         ablations=True, eval_epochs=2, sweep=(4.0,), quality_per_class=8,
+                        ipc_once=(20,),
                         holdout=5, val_per_class=6, lambda_g_factors=(0.0, 100.0),
                         sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)), base={
                             "data.max_per_class": "40", "pretrain.steps": "30",
@@ -167,36 +173,89 @@ class Study:
         o = {**base, "eval.enabled": "false", "run.out": str(self.work / name), **overrides}
         return resolve(DATASETS[self.dataset]["preset"], o)
 
-    def train_run(self, name: str, overrides: dict, pretrain_only: bool = False) -> Path:
-        """A ddfast.train run (skipped when its summary exists with the same settings)."""
+    def train_run(self, name: str, overrides: dict, pretrain_only: bool = False,
+                  needs: str = "distilled") -> Path:
+        """A ddfast.train run, skipped when its summary exists with the same settings and the
+        output the study reads from it (``needs``: a file or folder of the run) is on disk.
+
+        A clean checkout holds each run's summary, config and log but only the outputs that are
+        committed (the from-scratch DiT, the distilled sets): a run whose output is missing is
+        computed again, and its new log is checked against the committed one."""
         from ddfast.train import run
 
         cfg = self.config(name, overrides, pretrain_only)
         folder = Path(cfg.run.out)
+        committed = None
+        if self.finished(name, overrides, pretrain_only, needs):
+            return folder
+        if (folder / "summary.json").is_file():
+            log(f"[study] run {name}: its {needs} is not on disk; computing the run again")
+            committed = read_jsonl(folder / "metrics.jsonl")
+        else:
+            log(f"[study] run {name}")
+        run(cfg, resume=folder.is_dir())  # its summary.json records the time of each stage
+        if committed:
+            _compare_logs(name, committed, read_jsonl(folder / "metrics.jsonl"))
+        return folder
+
+    def finished(self, name: str, overrides: dict, pretrain_only: bool = False,
+                 needs: str = "distilled") -> bool:
+        """Whether run ``name`` finished with these settings and its ``needs`` is on disk; a
+        finished run of other settings is refused."""
+        cfg = self.config(name, overrides, pretrain_only)
+        folder = Path(cfg.run.out)
         summary = folder / "summary.json"
-        if summary.is_file():
-            digest = json.loads(summary.read_text())["config_digest"]
-            if digest != cfg.digest():
+        if not summary.is_file():
+            return False
+        digest = json.loads(summary.read_text())["config_digest"]
+        if digest != cfg.digest():
+            stored = folder / "config.json"
+            old = json.loads(stored.read_text()) if stored.is_file() else None
+            if old is None or Config.from_dict(old).digest() != digest \
+                    or _in_study(old) != _in_study(cfg.to_dict()):
                 raise ConfigError(f"{folder} holds a run with other settings (digest {digest}, "
                                   f"expected {cfg.digest()}): delete it or use another --out")
-            return folder
-        log(f"[study] run {name}")
-        run(cfg, resume=folder.is_dir())  # its summary.json records the time of each stage
-        return folder
+            # The same settings in a study that moved (a clone, another --out path): its paths
+            # into the study's own folder are written anew so that the run resumes here.
+            log(f"[study] run {name}: the study moved; its paths now point into {self.work}")
+            write_text(stored, cfg.to_json())
+            write_json(summary, {**json.loads(summary.read_text()),
+                                 "config_digest": cfg.digest(), "run_folder": str(folder)})
+        return (folder / needs).exists()
 
     def pretrained(self) -> Path:
         # Fine-tuning settings do not reach the from-scratch model, so they stay out of its run.
         folder = self.train_run("base", {"objective.method": "dit", "sample.ipc": "1"},
-                                pretrain_only=True)
+                                pretrain_only=True, needs="pretrained")
         return folder / "pretrained"
 
-    def distilled(self, method: str, repeat: int, extra: dict | None = None,
-                  tag: str = "", ipc: tuple[int, ...] | None = None) -> Path:
+    def method_run(self, method: str, repeat: int, extra: dict | None = None,
+                   tag: str = "", ipc: tuple[int, ...] | None = None,
+                   needs: str = "distilled") -> Path:
+        """The run folder of one method and repeat (fine-tuned, then sampled at ``ipc``)."""
         o = {"model.dit": str(self.pretrained()), "run.seed": str(repeat),
              "sample.seed": str(repeat), **self.sampling(),
              "sample.ipc": ",".join(str(i) for i in (ipc or self.scale.ipc)),
              **method_overrides(method), **(extra or {})}
-        return self.train_run(f"{method}{tag}-r{repeat}", o) / "distilled"
+        return self.train_run(f"{method}{tag}-r{repeat}", o, needs=needs)
+
+    def distilled(self, method: str, repeat: int, extra: dict | None = None,
+                  tag: str = "", ipc: tuple[int, ...] | None = None) -> Path:
+        return self.method_run(method, repeat, extra, tag, ipc) / "distilled"
+
+    def resampled(self, method: str, repeat: int, ipc: int) -> Path:
+        """The distilled set of one of the scale's ``ipc_once`` IPCs: the model of the method's
+        run (the from-scratch DiT for ``dit``) sampled at ``ipc`` with the same seeds."""
+        name = f"{method}-r{repeat}-ipc{ipc}"
+        if method == "dit":
+            model = self.pretrained()
+        else:
+            model = self.work / f"{method}-r{repeat}" / "model"
+        o = {"model.dit": str(model), "run.seed": str(repeat), "sample.seed": str(repeat),
+             **self.sampling(), "sample.ipc": str(ipc), "objective.method": "dit"}
+        if method != "dit" and not self.finished(name, o):
+            self.method_run(method, repeat, needs="model")  # its model, computed if missing
+        return self.train_run(name, o) / "distilled"
 
     # ------------------------------------------------------------------------------ data
     def data(self):
@@ -303,6 +362,8 @@ class Study:
         cell = {"key": key, "protocol": protocol, "seed": seed, "ipc": res["ipc"],
                 "acc_best": net["best_mean"], "acc_last": net["last_mean"],
                 "epochs": res["epochs"], "seconds": res["seconds"],
+                "threads": torch.get_num_threads() if torch.device(res.get("device", "cpu")).type
+                == "cpu" else 0,
                 "pairwise": div["pairwise"], "coverage": div["coverage"]}
         write_json(path, cell)
         return cell
@@ -398,19 +459,29 @@ class Study:
             train, _, _ = self.data()
             x, y, _ = load_source_set(train, ipc)
             return x, y
+        if ipc in self.scale.ipc_once and not tag and ipcs is None:
+            x, y, _ = load_folder_set(self.resampled(method, repeat, ipc), ipc=ipc)
+            return x, y
         ipcs = ipcs or ((10,) if tag else None)
         x, y, _ = load_folder_set(self.distilled(method, repeat, extra, tag, ipcs), ipc=ipc)
         return x, y
 
-    def run_all(self, methods: tuple[str, ...] = METHODS) -> None:
-        """Compute every missing cell of ``methods`` (the ablations go with ours-step)."""
+    def run_all(self, methods: tuple[str, ...] = METHODS, ipcs: tuple[int, ...] = ()) -> None:
+        """Compute every missing cell of ``methods`` (the ablations go with ours-step); with
+        ``ipcs``, only the cells of those IPCs (the ablations and the lambda_g sweep are IPC 10's).
+        """
         s = self.scale
+        unknown = sorted(set(ipcs) - {*s.ipc, *s.ipc_once})
+        if unknown:
+            raise ConfigError(f"IPC {', '.join(map(str, unknown))} is not in this scale: pass a "
+                              f"subset of {', '.join(map(str, sorted({*s.ipc, *s.ipc_once})))}")
+        wanted = set(ipcs or (*s.ipc, *s.ipc_once))
         self.full_classifier()
         self.sampling()
         self.generator_quality(methods)
         for method in methods:
             for r in range(s.repeats):
-                for ipc in s.ipc:
+                for ipc in (i for i in s.ipc if i in wanted):
                     x, y = self.method_set(method, r, ipc)
                     if r == 0 and ipc == max(s.ipc):  # every method's largest set, once
                         self.quality_cell(f"{method}-r0-ipc{ipc}", x, y)
@@ -418,12 +489,12 @@ class Study:
                         if r >= s.repeats_of(proto):
                             continue
                         self.evaluate_cell(f"{method}-r{r}-ipc{ipc}-{proto}", x, y, proto, r)
-        if s.ablations and "ours-step" in methods:
+        if s.ablations and "ours-step" in methods and 10 in wanted:
             for _key, tag, extra in self.ablation_points():
                 for r in range(s.ablation_repeats or s.repeats):
                     x, y = self.method_set("ours-step", r, 10, extra, tag)
                     self.evaluate_cell(f"ours-step{tag}-r{r}-ipc10-dc", x, y, "dc", r)
-        if "ours-step" in methods and s.lambda_g_factors:
+        if "ours-step" in methods and s.lambda_g_factors and 10 in wanted:
             x0, _ = self.method_set("ours-step", 0, 10)
             for value, tag, extra in self.lambda_g_points():
                 x, y = self.method_set("ours-step", 0, 10, extra, tag)
@@ -435,6 +506,11 @@ class Study:
                     write_json(path, {"lambda_g": value, "grey_levels": 255,
                                       "pixel_change_mean": float(diff.mean()),
                                       "pixel_change_max": float(diff.max())})
+        for ipc in (i for i in s.ipc_once if i in wanted):  # the costliest, after the others
+            for method in methods:
+                x, y = self.method_set(method, 0, ipc)
+                for proto in s.protocols:
+                    self.evaluate_cell(f"{method}-r0-ipc{ipc}-{proto}", x, y, proto, 0)
 
     def lambda_g_points(self):
         """(value, tag, overrides) of the lambda_g sweep."""
@@ -461,13 +537,45 @@ class Study:
         return write_report(self)
 
 
+def _in_study(config: dict) -> str:
+    """The digest of a run's settings with its path into its own study folder (``run.out``'s
+    parent: the from-scratch DiT, a method run's model) written relative to that folder: the
+    same for the same run wherever the study lies."""
+    work = Path(config["run"]["out"]).parent
+    d = {section: dict(values) if isinstance(values, dict) else values
+         for section, values in config.items()}
+    path = Path(d["model"].get("dit") or "")
+    if path.parts and path.is_relative_to(work):
+        d["model"]["dit"] = "<study>/" + path.relative_to(work).as_posix()
+    return Config.from_dict(d).digest()
+
+
+def _compare_logs(name: str, before: list[dict], after: list[dict]) -> None:
+    """Say whether a recomputed run logged the same losses as its committed log: the same on
+    the same kind of CPU and thread count; otherwise float rounding differs, and the cells
+    computed from the committed outputs stay as they were."""
+    key = ("stage", "step")
+    old = {tuple(r.get(k) for k in key): r.get("loss") for r in before if "loss" in r}
+    new = {tuple(r.get(k) for k in key): r.get("loss") for r in after if "loss" in r}
+    shared = sorted(set(old) & set(new), key=lambda k: (str(k[0]), k[1] or 0))
+    differ = [k for k in shared if old[k] != new[k]]
+    if not differ:
+        log(f"[study] run {name}: recomputed, and its {len(shared)} logged losses equal the "
+            f"committed ones")
+        return
+    stage, step = differ[0]
+    log(f"[study] run {name}: recomputed; {len(differ)} of {len(shared)} logged losses differ "
+        f"from the committed log, the first at {stage} step {step} ({old[differ[0]]!r} then, "
+        f"{new[differ[0]]!r} now): another CPU or thread count rounds differently")
+
+
 def device_name(device: str) -> str:
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "cpu"
@@ -488,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated subset of " + ", ".join(METHODS) + " (default: all); "
                         "processes computing disjoint subsets can share one --out")
+    p.add_argument("--ipc", default="",
+                   help="comma-separated IPCs: compute only their cells (default: every IPC of "
+                        "the scale)")
     p.add_argument("--report", action="store_true",
                    help="only rebuild results.json, results.md and the plots from the cells")
     p.add_argument("--progress", action="store_true", help="progress bars for every stage")
@@ -501,7 +612,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unknown method(s) {', '.join(unknown)}: pass a subset of "
                               f"{', '.join(METHODS)}")
         if not args.report:
-            study.run_all(methods)
+            try:
+                ipcs = tuple(int(i) for i in args.ipc.split(",") if i.strip())
+            except ValueError:
+                raise ConfigError(f"--ipc {args.ipc!r}: pass comma-separated integers, "
+                                  f"e.g. --ipc 1,10") from None
+            study.run_all(methods, ipcs)
         study.report()
     except DdfastError as exc:
         print(f"error: {exc}", file=sys.stderr)

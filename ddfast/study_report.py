@@ -46,7 +46,7 @@ def collect(study) -> dict:
     rows = []
     for proto in s.protocols:
         for method in METHODS:
-            for ipc in s.ipc:
+            for ipc in sorted({*s.ipc, *s.ipc_once}):
                 cells = _cells(study, method, ipc, proto)
                 rows.append({"protocol": proto, "method": method, "ipc": ipc,
                              "accuracy": _stats(cells), "pairwise": _stats(cells, "pairwise"),
@@ -76,8 +76,9 @@ def collect(study) -> dict:
     # Each run's own record of its stages (also the runs an earlier process finished).
     run_seconds = sum(json.loads(p.read_text())["timings_s"]["total"]
                       for p in sorted(study.work.glob("*/summary.json")))
-    eval_seconds = sum(json.loads(p.read_text())["seconds"]
-                       for p in sorted((study.work / "evals").glob("*.json")))
+    evals = [json.loads(p.read_text()) for p in sorted((study.work / "evals").glob("*.json"))]
+    eval_seconds = sum(c["seconds"] for c in evals)
+    threads = sorted({c["threads"] for c in evals if c.get("threads")})
     sampling_path = study.work / "sampling.json"
     return {
         "lambda_g": lambda_g_sweep(study),
@@ -85,13 +86,16 @@ def collect(study) -> dict:
         "quality": quality(study),
         "mechanism": mechanism(study),
         "dataset": study.dataset, "scale": study.scale_name,
-        "settings": {"ipc": list(s.ipc), "repeats": s.repeats, "protocols": list(s.protocols),
+        "settings": {"ipc": sorted({*s.ipc, *s.ipc_once}), "ipc_once": list(s.ipc_once),
+                     "repeats": s.repeats, "protocols": list(s.protocols),
                      "small_repeats": s.repeats_of("small"),
                      "ablation_repeats": s.ablation_repeats or s.repeats,
                      "full_epochs": s.full_epochs,
                      "eval_epochs": s.eval_epochs or "protocol",
                      "run_overrides": study.base, "ablation_factors": list(s.sweep)},
         "device": device_name(study.device), "torch": torch.__version__,
+        # The CPU threads of each evaluation (cells from before this was recorded carry none).
+        "eval_threads": threads,
         "rows": rows, "ablations": ablations,
         "full": None if full is None else {"accuracy": full["last"], "epochs": full["epochs"],
                                            "num_train": full["num_train"]},
@@ -201,7 +205,10 @@ def markdown(res: dict) -> str:
     ipcs = res["settings"]["ipc"]
     head = "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |"
     rule = "|---|" + "---:|" * len(ipcs)
-    lines = [f"Dataset **{res['dataset']}**, scale `{res['scale']}`, device {res['device']}, "
+    threads = res.get("eval_threads") or []
+    on = (f" ({'/'.join(map(str, threads))} thread{'s' if threads != [1] else ''} per "
+          f"evaluation)" if threads else "")
+    lines = [f"Dataset **{res['dataset']}**, scale `{res['scale']}`, device {res['device']}{on}, "
              f"torch {res['torch']}; wall time {res['seconds']['total'] / 60:.1f} min "
              f"(runs {res['seconds']['runs'] / 60:.1f}, evaluations "
              f"{res['seconds']['evaluations'] / 60:.1f}, full-data classifier "

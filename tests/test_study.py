@@ -26,7 +26,8 @@ def test_results_are_read_from_the_cells(study_dir):
     res = json.loads((study_dir / "results.json").read_text())
     scale = SCALES["smoke"]["digits"]
     rows = res["rows"]
-    assert {(r["method"], r["ipc"]) for r in rows} == {(m, i) for m in METHODS for i in scale.ipc}
+    ipcs = {*scale.ipc, *scale.ipc_once}
+    assert {(r["method"], r["ipc"]) for r in rows} == {(m, i) for m in METHODS for i in ipcs}
     for r in rows:
         cell = _cell(study_dir, f"{r['method']}-r0-ipc{r['ipc']}-dc")
         assert r["accuracy"]["mean"] == cell["acc_best"] == r["repeats"][0]
@@ -172,8 +173,12 @@ def test_rerun_skips_finished_cells_and_report_marks_missing(study_dir):
         assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(study_dir),
                      "--report"]) == 0
         md = (study_dir / "results.md").read_text()
-        row = next(line for line in md.splitlines() if line.startswith("| Minimax"))
-        assert row.rstrip().endswith("not run |")
+        lines = md.splitlines()
+        row = next(line for line in lines if line.startswith("| Minimax"))
+        header = next(line for line in lines if line.startswith("| method"))
+        cells = dict(zip(header.split("|"), row.split("|"), strict=True))
+        assert cells[" IPC 10 "].strip() == "not run"
+        assert cells[" IPC 1 "].strip() != "not run"
     finally:
         moved.write_bytes(keep)
 
@@ -200,7 +205,32 @@ def test_bad_study_arguments(tmp_path, capsys):
     assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(tmp_path),
                  "--methods", "random,dsa"]) == 2
     assert "unknown method(s) dsa" in capsys.readouterr().err
+    assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(tmp_path),
+                 "--ipc", "7"]) == 2
+    assert "IPC 7 is not in this scale: pass a subset of 1, 10, 20" in capsys.readouterr().err
+    assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(tmp_path),
+                 "--ipc", "one"]) == 2
+    assert "--ipc 'one': pass comma-separated integers" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_ipc_restricts_a_study_to_the_cells_of_those_ipcs(study_dir):
+    evals = study_dir / "work" / "evals"
+    kept = {k: (evals / f"{k}.json").read_bytes()
+            for k in ("random-r0-ipc1-dc", "random-r0-ipc10-dc")}
+    for k in kept:
+        (evals / f"{k}.json").unlink()
+    try:
+        assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(study_dir),
+                     "--methods", "random", "--ipc", "1"]) == 0
+        assert (evals / "random-r0-ipc1-dc.json").is_file()
+        assert not (evals / "random-r0-ipc10-dc.json").exists()
+        # the same classifier seed on the same set: the recomputed cell is the committed one
+        assert _cell(study_dir, "random-r0-ipc1-dc")["acc_best"] == pytest.approx(
+            json.loads(kept["random-r0-ipc1-dc"])["acc_best"], abs=1e-9)
+    finally:
+        for k, data in kept.items():
+            (evals / f"{k}.json").write_bytes(data)
 
 
 def test_a_full_classifier_of_other_settings_is_refused(study_dir):
@@ -214,3 +244,82 @@ def test_a_full_classifier_of_other_settings_is_refused(study_dir):
             Study("digits", "smoke", study_dir).full_classifier()
     finally:
         rec.write_text(original)
+
+
+def test_an_ipc_measured_once_samples_the_method_runs_model(study_dir):
+    """IPC 20 (the smoke scale's ipc_once) comes from runs of its own that sample the model of
+    the method's repeat-0 run: the method runs keep sampling IPC 1 and 10 only."""
+    work = study_dir / "work"
+    (ipc,) = SCALES["smoke"]["digits"].ipc_once
+    for method in ("dit", "minimax", "ours-step", "ours-epoch"):
+        cfg = json.loads((work / f"{method}-r0-ipc{ipc}" / "config.json").read_text())
+        source = work / ("base/pretrained" if method == "dit" else f"{method}-r0/model")
+        assert cfg["model"]["dit"] == str(source) and cfg["objective"]["method"] == "dit"
+        assert cfg["sample"]["ipc"] == [ipc] and cfg["sample"]["seed"] == 0
+        assert json.loads((work / f"{method}-r0" / "config.json").read_text())["sample"]["ipc"] \
+            == [1, 10]
+        manifest = json.loads((work / f"{method}-r0-ipc{ipc}" / "distilled" / "manifest.json")
+                              .read_text())
+        assert manifest["ipc"] == ipc
+        assert _cell(study_dir, f"{method}-r0-ipc{ipc}-dc")["ipc"] == ipc
+    assert not (work / "evals" / f"dit-r1-ipc{ipc}-dc.json").exists()
+
+
+def _committed_only(src, dst):
+    """dst: a copy of the study folder holding only what .gitignore lets a commit carry."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    keep = {"summary.json", "config.json", "result.json", "metrics.jsonl", "distilled"}
+    for run in (dst / "work").iterdir():
+        if not run.is_dir() or run.name in ("evals", "quality", "sampling", "lambda_g"):
+            continue
+        for child in run.iterdir():
+            kept = (child.name in keep or (run.name, child.name) in
+                    {("base", "pretrained"), ("full", "convnet3.safetensors")})
+            if not kept:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def test_a_clean_checkout_resumes_and_recomputes_only_missing_outputs(study_dir, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "clone"
+    _committed_only(study_dir, out)
+    work = out / "work"
+    evals = {p.name: p.read_bytes() for p in (work / "evals").iterdir()}
+
+    def summaries():  # what the runs recorded, less the digest of their paths
+        return {p: {k: v for k, v in json.loads(p.read_text()).items()
+                    if k not in ("config_digest", "run_folder")}
+                for p in work.glob("*/summary.json")}
+
+    before_runs = summaries()
+    capsys.readouterr()
+    assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(out)]) == 0
+    # The clone lies elsewhere: the runs' paths into the study are written anew, once.
+    assert "run dit-r0: the study moved" in capsys.readouterr().out
+    assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(out)]) == 0
+    assert "the study moved" not in capsys.readouterr().out
+    # Nothing was trained or evaluated again: the committed outputs were enough ...
+    assert {p.name: p.read_bytes() for p in (work / "evals").iterdir()} == evals
+    assert summaries() == before_runs
+    assert not (work / "minimax-r0" / "model").exists()
+    # ... and a run whose output is missing is computed again, with one log line per step,
+    # the same losses as its committed log and the same images (same machine, same threads).
+    run = work / "minimax-r0"
+    before = (run / "metrics.jsonl").read_text()
+    images = {p.relative_to(run): p.read_bytes() for p in (run / "distilled").rglob("*.png")}
+    import shutil
+
+    shutil.rmtree(run / "distilled")
+    capsys.readouterr()
+    Study("digits", "smoke", out).distilled("minimax", 0)
+    log = capsys.readouterr().out
+    assert "its distilled is not on disk" in log and "equal the committed ones" in log
+    def rows(text):  # the log without its timings
+        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+                for line in text.splitlines()]
+
+    assert rows((run / "metrics.jsonl").read_text()) == rows(before)
+    assert {p.relative_to(run): p.read_bytes() for p in (run / "distilled").rglob("*.png")} \
+        == images
