@@ -69,6 +69,9 @@ class MemoryConfig:
     gen_capacity: int = 64  # N_G: items per class in the generated memory
     policy: str = "auto"  # auto (by method) | adaptive | fifo
     timing: str = "step"  # step (released code) | epoch (the paper's figure caption)
+    # A run much shorter than one pass over its images (a large data set fine-tuned for a few
+    # hundred steps) never reaches an epoch's end: refresh every N steps instead.
+    refresh_every: int = 0  # epoch timing: steps between memory refreshes; 0 = each pass's end
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class Config:
 
 # Settings added after runs were first written, with the value that reproduces the old behaviour:
 # left out of the digest at that value, so an older run folder still resumes and matches.
-LATER_KEYS = {"data.holdout": 0}
+LATER_KEYS = {"data.holdout": 0, "memory.refresh_every": 0}
 # Settings that do not change results: outside the digest, and free to change on --resume
 # (eval.baseline adds the random-real row beside the method's; the method's figures stay).
 NON_RESULT_KEYS = ("run.out", "run.device", "run.progress", "run.log_every", "run.ckpt_every",
@@ -361,6 +364,7 @@ def validate(cfg: Config) -> None:
         "eval.batch_size": cfg.eval.batch_size,
         "objective.lambda_r": cfg.objective.lambda_r,
         "objective.lambda_g": cfg.objective.lambda_g,
+        "memory.refresh_every": cfg.memory.refresh_every,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -374,6 +378,10 @@ def validate(cfg: Config) -> None:
                        ("optim.label_dropout", cfg.optim.label_dropout)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if cfg.memory.refresh_every and cfg.memory.timing != "epoch":
+        raise ConfigError(f"memory.refresh_every={cfg.memory.refresh_every} applies to "
+                          f"memory.timing=epoch only (step timing refreshes every step): set "
+                          f"memory.timing=epoch or drop memory.refresh_every")
     if cfg.data.channels not in (0, 1, 3):
         raise ConfigError(f"data.channels must be 0 (the source's own), 1 or 3, got "
                           f"{cfg.data.channels}")
@@ -399,6 +407,7 @@ ALIASES: dict[str, str] = {
     "lambda-g": "objective.lambda_g",
     "policy": "memory.policy",
     "timing": "memory.timing",
+    "refresh-every": "memory.refresh_every",
     "real-capacity": "memory.real_capacity",
     "gen-capacity": "memory.gen_capacity",
     "steps": "optim.steps",

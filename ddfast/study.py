@@ -73,6 +73,10 @@ class Scale:
     # the method's repeat-0 run, so that run, and the cells of the other IPCs, keep their
     # settings when a larger IPC is added.
     ipc_once: tuple[int, ...] = ()
+    # ours-epoch refreshes its memories this many times over fine-tuning, evenly spaced, where
+    # fine-tuning is shorter than that many passes over the data (0: at each pass's end). The
+    # paper fine-tunes 8 epochs; a few hundred steps on Fashion-MNIST are a fraction of one.
+    epoch_refreshes: int = 0
 
     def repeats_of(self, protocol: str) -> int:
         return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
@@ -84,7 +88,7 @@ SCALES = {
         "digits": Scale(ipc=(1, 10, 50), repeats=3, protocols=("dc", "small"), full_epochs=300,
                         ablations=True),
         "fashion-mnist": Scale(ipc=(1, 10, 50), repeats=3, protocols=("dc", "small"),
-                               full_epochs=50, ablations=True),
+                               full_epochs=50, ablations=True, epoch_refreshes=8),
     },
     # Sized for 2 CPU cores: digits complete at IPC 1 and 10 (the IDC recipe, 1000 epochs,
     # once per method; ablation points twice). Fashion-MNIST: a micro DiT with 4x4 patches
@@ -100,7 +104,7 @@ SCALES = {
         "fashion-mnist": Scale(
             ipc=(1, 10), repeats=3, protocols=("dc",), full_epochs=4, full_batch=64,
             ablations=False, holdout=500, val_per_class=50, ipc_once=(50,),
-            lambda_g_factors=(25.0, 250.0),
+            lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddim", 50)),
@@ -113,7 +117,7 @@ SCALES = {
     "smoke": {
         "digits": Scale(ipc=(1, 10), repeats=1, protocols=("dc",), full_epochs=1,
                         ablations=True, eval_epochs=2, sweep=(4.0,), quality_per_class=8,
-                        ipc_once=(20,),
+                        ipc_once=(20,), epoch_refreshes=2,
                         holdout=5, val_per_class=6, lambda_g_factors=(0.0, 100.0),
                         sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)), base={
                             "data.max_per_class": "40", "pretrain.steps": "30",
@@ -237,6 +241,10 @@ class Study:
              "sample.seed": str(repeat), **self.sampling(),
              "sample.ipc": ",".join(str(i) for i in (ipc or self.scale.ipc)),
              **method_overrides(method), **(extra or {})}
+        if method == "ours-epoch" and self.scale.epoch_refreshes:
+            cfg = self.config("probe", o)
+            steps = cfg.optim.steps or cfg.optim.epochs * self._steps_per_epoch(cfg)
+            o["memory.refresh_every"] = str(max(1, steps // self.scale.epoch_refreshes))
         return self.train_run(f"{method}{tag}-r{repeat}", o, needs=needs)
 
     def distilled(self, method: str, repeat: int, extra: dict | None = None,
@@ -256,6 +264,16 @@ class Study:
         if method != "dit" and not self.finished(name, o):
             self.method_run(method, repeat, needs="model")  # its model, computed if missing
         return self.train_run(name, o) / "distilled"
+
+    def _steps_per_epoch(self, cfg) -> int:
+        """Fine-tuning steps of one pass over the images a run of ``cfg`` trains on."""
+        from ddfast.train import training_indices
+        from ddfast.trainer import steps_per_epoch
+
+        train, _, _ = self.data()
+        labels = torch.as_tensor(train.labels)
+        n = len(training_indices(labels, cfg.data.max_per_class, cfg.data.holdout))
+        return steps_per_epoch(n, cfg.optim.batch_size)
 
     # ------------------------------------------------------------------------------ data
     def data(self):

@@ -287,6 +287,14 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
             o = cfg.optim
             per_epoch = steps_per_epoch(len(latents), o.batch_size)
             total = o.steps if o.steps > 0 else o.epochs * per_epoch
+            every = cfg.memory.refresh_every or per_epoch
+            if cfg.memory.timing == "epoch" and every >= total:
+                raise ConfigError(
+                    f"memory.timing=epoch refreshes the memories every {every} steps (one pass "
+                    f"over {len(latents)} images at batch {o.batch_size}), but fine-tuning runs "
+                    f"{total}: the memories would stay empty and the memory terms off. Set "
+                    f"memory.refresh_every below {total} (e.g. {max(1, total // 8)} for 8 "
+                    f"refreshes) or fine-tune longer")
             dim = int(np.prod(latents.latent_shape))
             bank = MemoryBank(len(cond), dim, real_capacity=cfg.memory.real_capacity,
                               gen_capacity=cfg.memory.gen_capacity, policy=cfg.policy,
@@ -294,7 +302,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
             spec = StageSpec("finetune", total, o.batch_size, o.lr, o.weight_decay, 0,
                              o.ema_decay, o.label_dropout, cfg.objective.lambda_r,
                              cfg.objective.lambda_g, cfg.run.log_every, cfg.run.ckpt_every,
-                             cfg.run.seed, cfg.objective.accumulate_bug)
+                             cfg.run.seed, cfg.objective.accumulate_bug,
+                             cfg.memory.refresh_every)
             ema = train_stage(model, latents, diffusion, cond_table, null, spec,
                               ckpt_path=out / "ckpt" / "finetune.safetensors",
                               metrics_path=metrics, bank=bank, precision=precision,

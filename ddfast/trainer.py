@@ -86,6 +86,7 @@ class StageSpec:
     ckpt_every: int = 500  # steps between checkpoints
     seed: int = 0  # run seed
     accumulate_bug: bool = False  # released loop's repeated class sums (not the method)
+    refresh_every: int = 0  # steps between bank.end_epoch() calls; 0 = each pass over the data
 
 
 def steps_per_epoch(num_items: int, batch_size: int) -> int:
@@ -304,7 +305,7 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
                                lambda_g=spec.lambda_g, accumulate_bug=spec.accumulate_bug,
                                precision=precision, loss_fn=loss_fn, dist=dist,
                                grad_norms=norms if probe else None)
-            if bank is not None and (step + 1) % per_epoch == 0:
+            if bank is not None and (step + 1) % (spec.refresh_every or per_epoch) == 0:
                 bank.end_epoch()
             window_steps += 1
             pbar.update(1)

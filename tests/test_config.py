@@ -93,13 +93,16 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
     from ddfast.config import NON_RESULT_KEYS
 
     cfg = resolve("smoke")
-    old = cfg.to_dict()  # as written before data.holdout existed
-    for key in NON_RESULT_KEYS + ("data.holdout",):
+    old = cfg.to_dict()  # as written before data.holdout and memory.refresh_every existed
+    for key in NON_RESULT_KEYS + ("data.holdout", "memory.refresh_every"):
         section, name = key.split(".")
         old[section].pop(name)
     want = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.digest() == want
     assert resolve("smoke", {"data.holdout": "3"}).digest() != want
+    epoch = {"memory.timing": "epoch"}
+    assert resolve("smoke", {**epoch, "memory.refresh_every": "5"}).digest() != resolve(
+        "smoke", epoch).digest()
 
 
 def test_json_round_trip_and_digest():

@@ -11,7 +11,7 @@ from PIL import Image
 import ddfast.sample as sample_mod
 import ddfast.trainer as trainer_mod
 from ddfast.config import resolve
-from ddfast.errors import OutputError
+from ddfast.errors import ConfigError, OutputError
 from ddfast.models import build_dit, build_vae, load_dit, save_pipeline
 from ddfast.perf import SDPA_KERNELS
 from ddfast.train import main, run
@@ -173,6 +173,24 @@ def test_baselines_dit_and_minimax(tmp_path):
     assert (tmp_path / "dit" / "pretrained").is_dir()
     mm = run(smoke(tmp_path / "mm", **{"objective.method": "minimax"}))
     assert mm["policy"] == "fifo"
+
+
+def test_epoch_timing_refreshes_the_memories_every_refresh_every_steps(tmp_path):
+    quiet = {"memory.timing": "epoch", "eval.enabled": "false"}
+    # smoke: 400 images at batch 16 make a pass of 25 steps, longer than the 20 of fine-tuning:
+    # refreshed once a pass, the memories would stay empty and the memory terms off
+    with pytest.raises(ConfigError, match="Set memory.refresh_every below 20"):
+        run(smoke(tmp_path / "never", **quiet))
+    run(smoke(tmp_path / "every5", **quiet, **{"memory.refresh_every": "5"}))
+    lines = (tmp_path / "every5" / "metrics.jsonl").read_text().splitlines()
+    rows = [r for r in map(json.loads, lines) if r["stage"] == "finetune"]
+    assert [r["step"] for r in rows] == [10, 20]
+    # refreshed at steps 5, 10 and 15: both memories hold items and both terms pull
+    for r in rows:
+        assert np.isfinite(r["memory_cos_real"]) and np.isfinite(r["memory_cos_gen"])
+        assert r["grad_rep"] > 0 and r["grad_div"] > 0
+    with pytest.raises(ConfigError, match="applies to memory.timing=epoch only"):
+        smoke(tmp_path / "step", **{"memory.refresh_every": "5"})
 
 
 def test_cli_reports_bad_input_and_writes_nothing(tmp_path, capsys):
