@@ -92,7 +92,8 @@ def collect(study) -> dict:
                      "ablation_repeats": s.ablation_repeats or s.repeats,
                      "full_epochs": s.full_epochs,
                      "eval_epochs": s.eval_epochs or "protocol",
-                     "run_overrides": study.base, "ablation_factors": list(s.sweep)},
+                     "run_overrides": study.base, "ablation_factors": list(s.sweep),
+                     "epoch_refreshes": s.epoch_refreshes},
         "device": device_name(study.device), "torch": torch.__version__,
         # The CPU threads of each evaluation (cells from before this was recorded carry none).
         "eval_threads": threads,
@@ -216,11 +217,18 @@ def markdown(res: dict) -> str:
              f"Settings: {json.dumps(res['settings'])}.", ""]
     for proto in res["settings"]["protocols"]:
         rows = [r for r in res["rows"] if r["protocol"] == proto]
+        want = res["settings"]["small_repeats" if proto == "small" else "repeats"]
+        once = set(res["settings"].get("ipc_once") or [])
         lines += [f"ConvNet-3 top-1 test accuracy (%), {PROTOCOL_NAMES[proto]}: mean "
-                  f"[min, max] over repeats.", "", head, rule]
+                  f"[min, max] over {want} repeats; (k of {want}) where only k have run"
+                  + (f"; IPC {', '.join(map(str, sorted(once)))} once" if once else "")
+                  + ".", "", head, rule]
         for method in dict.fromkeys(r["method"] for r in rows):
-            cells = [_fmt(next(r["accuracy"] for r in rows
-                               if r["method"] == method and r["ipc"] == i)) for i in ipcs]
+            cells = []
+            for i in ipcs:
+                acc = next(r["accuracy"] for r in rows if r["method"] == method and r["ipc"] == i)
+                short = acc is not None and i not in once and acc["n"] < want
+                cells.append(_fmt(acc) + (f" ({acc['n']} of {want})" if short else ""))
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
         if res["full"] and proto == "dc":
             f = res["full"]
