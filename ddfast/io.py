@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ddfast.config import NON_RESULT_KEYS
+from ddfast.config import LATER_KEYS, NON_RESULT_KEYS
 from ddfast.errors import OutputError
 
 
@@ -157,7 +157,7 @@ def prepare_run_dir(out: Path, *, config_json: str, resume: bool, overwrite: boo
             raise OutputError(
                 f"{out} already holds a run; pass --resume to continue it, --overwrite to "
                 f"delete it and start over, or choose another --out")
-        old = json.loads(cfg_path.read_text())
+        old = _with_later_keys(json.loads(cfg_path.read_text()))
         new = json.loads(config_json)
         changed = sorted(k for k in _diff(old, new) if k not in RESUME_MAY_CHANGE)
         if changed:
@@ -173,6 +173,16 @@ def prepare_run_dir(out: Path, *, config_json: str, resume: bool, overwrite: boo
     if write:
         write_text(cfg_path, config_json)
     return False
+
+
+def _with_later_keys(config: dict) -> dict:
+    """A config written before some settings existed, with them at the value that reproduces
+    what it did then (``LATER_KEYS``): a run of an older version resumes."""
+    for key, neutral in LATER_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(config.get(section), dict):
+            config[section].setdefault(name, neutral)
+    return config
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

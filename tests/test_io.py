@@ -43,6 +43,18 @@ def test_run_folder_needs_resume_or_overwrite(tmp_path):
     assert not (out / "result.txt").exists()
 
 
+def test_a_run_written_before_a_setting_existed_resumes_at_its_neutral_value(tmp_path):
+    out = tmp_path / "old"
+    old = {"data": {"source": "digits"}, "memory": {"timing": "epoch"}}  # no holdout, no refresh
+    prepare_run_dir(out, config_json=json.dumps(old), resume=False, overwrite=False)
+    now = {"data": {"source": "digits", "holdout": 0},
+           "memory": {"timing": "epoch", "refresh_every": 0}}
+    assert prepare_run_dir(out, config_json=json.dumps(now), resume=True, overwrite=False)
+    now["memory"]["refresh_every"] = 5  # not what the old run did
+    with pytest.raises(OutputError, match="memory.refresh_every"):
+        prepare_run_dir(out, config_json=json.dumps(now), resume=True, overwrite=False)
+
+
 def test_foreign_folder_is_never_deleted(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
