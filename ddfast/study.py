@@ -242,8 +242,10 @@ class Study:
              "sample.ipc": ",".join(str(i) for i in (ipc or self.scale.ipc)),
              **method_overrides(method), **(extra or {})}
         if method == "ours-epoch" and self.scale.epoch_refreshes:
+            from ddfast.train import finetune_steps
+
             cfg = self.config("probe", o)
-            steps = cfg.optim.steps or cfg.optim.epochs * self._steps_per_epoch(cfg)
+            steps = cfg.optim.steps or finetune_steps(cfg, self._training_images(cfg))
             o["memory.refresh_every"] = str(max(1, steps // self.scale.epoch_refreshes))
         return self.train_run(f"{method}{tag}-r{repeat}", o, needs=needs)
 
@@ -265,15 +267,13 @@ class Study:
             self.method_run(method, repeat, needs="model")  # its model, computed if missing
         return self.train_run(name, o) / "distilled"
 
-    def _steps_per_epoch(self, cfg) -> int:
-        """Fine-tuning steps of one pass over the images a run of ``cfg`` trains on."""
+    def _training_images(self, cfg) -> int:
+        """How many images a run of ``cfg`` trains on."""
         from ddfast.train import training_indices
-        from ddfast.trainer import steps_per_epoch
 
         train, _, _ = self.data()
         labels = torch.as_tensor(train.labels)
-        n = len(training_indices(labels, cfg.data.max_per_class, cfg.data.holdout))
-        return steps_per_epoch(n, cfg.optim.batch_size)
+        return len(training_indices(labels, cfg.data.max_per_class, cfg.data.holdout))
 
     # ------------------------------------------------------------------------------ data
     def data(self):

@@ -110,6 +110,26 @@ def cap_per_class(labels: torch.Tensor, limit: int) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.int64)
 
 
+def finetune_steps(cfg: Config, num_items: int) -> int:
+    """Fine-tuning steps: ``optim.steps``, or ``optim.epochs`` passes over ``num_items``."""
+    o = cfg.optim
+    return o.steps if o.steps > 0 else o.epochs * steps_per_epoch(num_items, o.batch_size)
+
+
+def check_refreshes(cfg: Config, num_items: int) -> None:
+    """Refuse epoch timing whose first memory refresh would come at or after the last step:
+    the memories would stay empty and the memory terms off for the whole run."""
+    total = finetune_steps(cfg, num_items)
+    every = cfg.memory.refresh_every or steps_per_epoch(num_items, cfg.optim.batch_size)
+    if cfg.memory.timing == "epoch" and every >= total:
+        raise ConfigError(
+            f"memory.timing=epoch refreshes the memories every {every} steps (one pass over "
+            f"{num_items} images at batch {cfg.optim.batch_size}), but fine-tuning runs {total}: "
+            f"the memories would stay empty and the memory terms off. Set "
+            f"memory.refresh_every below {total} (e.g. {max(1, total // 8)} for 8 refreshes) "
+            f"or fine-tune longer")
+
+
 def holdout_indices(labels: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of the last ``n`` items of every class, in source order: the validation split
     (``data.holdout``). The first items stay in training, so the random-real baseline (the first
@@ -235,6 +255,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
                                     batch_size=cfg.data.encode_batch_size,
                                     progress=progress and main, hflip=cfg.data.hflip)
         dist.barrier()
+    if cfg.objective.method != "dit":
+        check_refreshes(cfg, len(latents))  # before anything is written or trained
     resumed = None
     if main:
         resumed = prepare_run_dir(out, config_json=cfg.to_json(), resume=resume,
@@ -285,16 +307,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
             model = copy.deepcopy(dit)
             set_trainable(model, cfg.optim.trainable)
             o = cfg.optim
-            per_epoch = steps_per_epoch(len(latents), o.batch_size)
-            total = o.steps if o.steps > 0 else o.epochs * per_epoch
-            every = cfg.memory.refresh_every or per_epoch
-            if cfg.memory.timing == "epoch" and every >= total:
-                raise ConfigError(
-                    f"memory.timing=epoch refreshes the memories every {every} steps (one pass "
-                    f"over {len(latents)} images at batch {o.batch_size}), but fine-tuning runs "
-                    f"{total}: the memories would stay empty and the memory terms off. Set "
-                    f"memory.refresh_every below {total} (e.g. {max(1, total // 8)} for 8 "
-                    f"refreshes) or fine-tune longer")
+            total = finetune_steps(cfg, len(latents))
             dim = int(np.prod(latents.latent_shape))
             bank = MemoryBank(len(cond), dim, real_capacity=cfg.memory.real_capacity,
                               gen_capacity=cfg.memory.gen_capacity, policy=cfg.policy,

@@ -181,6 +181,7 @@ def test_epoch_timing_refreshes_the_memories_every_refresh_every_steps(tmp_path)
     # refreshed once a pass, the memories would stay empty and the memory terms off
     with pytest.raises(ConfigError, match="Set memory.refresh_every below 20"):
         run(smoke(tmp_path / "never", **quiet))
+    assert not (tmp_path / "never").exists()  # refused before anything was written or trained
     run(smoke(tmp_path / "every5", **quiet, **{"memory.refresh_every": "5"}))
     lines = (tmp_path / "every5" / "metrics.jsonl").read_text().splitlines()
     rows = [r for r in map(json.loads, lines) if r["stage"] == "finetune"]
