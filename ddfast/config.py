@@ -53,6 +53,7 @@ class PretrainConfig:
     batch_size: int = 64  # images per step
     ema_decay: float = 0.999  # EMA decay of the from-scratch model
     warmup: int = 100  # linear learning-rate warm-up steps
+    decay: str = "constant"  # constant | cosine: learning rate after warm-up (cosine falls to 0)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class Config:
 
 # Settings added after runs were first written, with the value that reproduces the old behaviour:
 # left out of the digest at that value, so an older run folder still resumes and matches.
-LATER_KEYS = {"data.holdout": 0, "memory.refresh_every": 0}
+LATER_KEYS = {"data.holdout": 0, "memory.refresh_every": 0, "pretrain.decay": "constant"}
 # Settings that do not change results: outside the digest, and free to change on --resume
 # (eval.baseline adds the random-real row beside the method's; the method's figures stay).
 NON_RESULT_KEYS = ("run.out", "run.device", "run.progress", "run.log_every", "run.ckpt_every",
@@ -185,6 +186,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.conditioning": ("auto", "imagenet", "class"),
     "model.dit_weights": ("ema", "model"),
     "objective.method": ("ours", "minimax", "dit"),
+    "pretrain.decay": ("constant", "cosine"),
     "memory.policy": ("auto", "adaptive", "fifo"),
     "memory.timing": ("step", "epoch"),
     "optim.trainable": ("difffit", "all"),

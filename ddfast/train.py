@@ -284,7 +284,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
             p = cfg.pretrain
             spec = StageSpec("pretrain", p.steps, p.batch_size, p.lr, 0.0, p.warmup,
                              p.ema_decay, cfg.optim.label_dropout, log_every=cfg.run.log_every,
-                             ckpt_every=cfg.run.ckpt_every, seed=cfg.run.seed)
+                             ckpt_every=cfg.run.ckpt_every, seed=cfg.run.seed, decay=p.decay)
             ema = train_stage(dit, latents, diffusion, cond_table, null, spec,
                               ckpt_path=out / "ckpt" / "pretrain.safetensors",
                               metrics_path=metrics, precision=precision, progress=progress,

@@ -87,6 +87,18 @@ class StageSpec:
     seed: int = 0  # run seed
     accumulate_bug: bool = False  # released loop's repeated class sums (not the method)
     refresh_every: int = 0  # steps between bank.end_epoch() calls; 0 = each pass over the data
+    decay: str = "constant"  # constant | cosine: lr after warm-up (cosine falls to 0 at the end)
+
+
+def stage_lr(spec: StageSpec, step: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up over ``spec.warmup``
+    steps, then constant, or a half cosine from ``spec.lr`` down to 0 at the last step."""
+    if spec.warmup > 0 and step < spec.warmup:
+        return spec.lr * ((step + 1) / spec.warmup)  # in this order: old logs reproduce
+    if spec.decay == "cosine":
+        span = max(1, spec.steps - spec.warmup)
+        return spec.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - spec.warmup) / span)))
+    return spec.lr
 
 
 def steps_per_epoch(num_items: int, batch_size: int) -> int:
@@ -291,7 +303,7 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
             drop = torch.rand(idx.shape[0], device=device, generator=gen) < spec.label_dropout
             y = torch.where(drop, torch.full_like(labels, null_label),
                             cond_table[labels])  # (B,)
-            lr = spec.lr * min(1.0, (step + 1) / spec.warmup) if spec.warmup > 0 else spec.lr
+            lr = stage_lr(spec, step)
             for group in opt.param_groups:
                 group["lr"] = lr
 

@@ -93,8 +93,8 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
     from ddfast.config import NON_RESULT_KEYS
 
     cfg = resolve("smoke")
-    old = cfg.to_dict()  # as written before data.holdout and memory.refresh_every existed
-    for key in NON_RESULT_KEYS + ("data.holdout", "memory.refresh_every"):
+    old = cfg.to_dict()  # as written before the later keys existed
+    for key in NON_RESULT_KEYS + ("data.holdout", "memory.refresh_every", "pretrain.decay"):
         section, name = key.split(".")
         old[section].pop(name)
     want = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
@@ -103,6 +103,9 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
     epoch = {"memory.timing": "epoch"}
     assert resolve("smoke", {**epoch, "memory.refresh_every": "5"}).digest() != resolve(
         "smoke", epoch).digest()
+    assert resolve("smoke", {"pretrain.decay": "cosine"}).digest() != want
+    with pytest.raises(ConfigError, match="pretrain.decay"):
+        resolve("smoke", {"pretrain.decay": "linear"})
 
 
 def test_json_round_trip_and_digest():

@@ -1,6 +1,7 @@
 """The whole job end to end: outputs, resume after a kill, guards, baselines, real-use paths."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +338,20 @@ def test_holdout_is_the_last_items_of_each_class_and_leaves_the_first():
         training_indices(labels, 0, 2)
     with pytest.raises(ConfigError, match="data.holdout must not be negative"):
         resolve("smoke", {"data.holdout": "-1"})
+
+
+def test_stage_learning_rate_warms_up_then_stays_or_falls_along_a_cosine():
+    from ddfast.trainer import StageSpec, stage_lr
+
+    kw = dict(name="pretrain", steps=110, batch_size=8, lr=2e-3, weight_decay=0.0, warmup=10,
+              ema_decay=0.9, label_dropout=0.1)
+    const, cos = StageSpec(**kw), StageSpec(**kw, decay="cosine")
+    for spec in (const, cos):  # the warm-up is the same line under both
+        assert [stage_lr(spec, s) for s in (0, 4, 9)] == pytest.approx([2e-4, 1e-3, 2e-3])
+    assert [stage_lr(const, s) for s in (10, 60, 109)] == [2e-3, 2e-3, 2e-3]
+    # half a cosine over the 100 steps after warm-up: full rate, half way, near zero
+    assert stage_lr(cos, 10) == pytest.approx(2e-3)
+    assert stage_lr(cos, 60) == pytest.approx(1e-3)
+    assert stage_lr(cos, 109) == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 0.99)))
+    lrs = [stage_lr(cos, s) for s in range(10, 110)]
+    assert all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
