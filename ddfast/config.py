@@ -53,7 +53,7 @@ class PretrainConfig:
     batch_size: int = 64  # images per step
     ema_decay: float = 0.999  # EMA decay of the from-scratch model
     warmup: int = 100  # linear learning-rate warm-up steps
-    decay: str = "constant"  # constant | cosine: learning rate after warm-up (cosine falls to 0)
+    decay: str = "constant"  # constant | cosine: lr after warm-up (cosine falls toward 0)
 
 
 @dataclass(frozen=True)

@@ -87,12 +87,13 @@ class StageSpec:
     seed: int = 0  # run seed
     accumulate_bug: bool = False  # released loop's repeated class sums (not the method)
     refresh_every: int = 0  # steps between bank.end_epoch() calls; 0 = each pass over the data
-    decay: str = "constant"  # constant | cosine: lr after warm-up (cosine falls to 0 at the end)
+    decay: str = "constant"  # constant | cosine: lr after warm-up (cosine falls toward 0)
 
 
 def stage_lr(spec: StageSpec, step: int) -> float:
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up over ``spec.warmup``
-    steps, then constant, or a half cosine from ``spec.lr`` down to 0 at the last step."""
+    steps, then constant, or a half cosine from ``spec.lr`` that would reach 0 one step after the
+    last (the last step's rate is small but not 0)."""
     if spec.warmup > 0 and step < spec.warmup:
         return spec.lr * ((step + 1) / spec.warmup)  # in this order: old logs reproduce
     if spec.decay == "cosine":
