@@ -15,7 +15,8 @@ import torch
 from ddfast.io import write_json, write_png, write_text
 
 PROTOCOL_NAMES = {"dc": "DC/DSA recipe (1000 epochs, DSA augmentation)",
-                  "small": "IDC recipe (epochs by IPC, CutMix)"}
+                  "small": "IDC recipe (1000 epochs at batch 64, IDC's DSA, CutMix on half the "
+                           "batches)"}
 LABELS = {"random": "random real", "dit": "DiT (no fine-tune)", "minimax": "Minimax (fifo)",
           "ours-step": "ours (adaptive, per step)", "ours-epoch": "ours (adaptive, per epoch)"}
 

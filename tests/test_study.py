@@ -233,6 +233,31 @@ def test_ipc_restricts_a_study_to_the_cells_of_those_ipcs(study_dir):
             (evals / f"{k}.json").write_bytes(data)
 
 
+def test_the_idc_recipe_runs_only_at_its_ipcs(study_dir, tmp_path, monkeypatch):
+    """A scale with ``small_ipc`` evaluates those IPCs under the IDC recipe as well, and no other
+    IPC (the ``ipc_once`` one included); the report shows the missing ones as not run."""
+    import dataclasses
+    import shutil
+
+    out = tmp_path / "study"
+    shutil.copytree(study_dir, out)
+    scale = dataclasses.replace(SCALES["smoke"]["digits"], protocols=("dc", "small"),
+                                small_ipc=(1,))
+    monkeypatch.setitem(SCALES["smoke"], "digits", scale)
+    assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(out),
+                 "--methods", "random"]) == 0
+    small = sorted(p.name for p in (out / "work" / "evals").glob("*-small.json"))
+    assert small == ["random-r0-ipc1-small.json"]
+    cell = _cell(out, "random-r0-ipc1-small")
+    assert cell["protocol"] == "small" and cell["ipc"] == 1
+    rows = {(r["method"], r["ipc"]): r for r in json.loads((out / "results.json").read_text())
+            ["rows"] if r["protocol"] == "small"}
+    assert rows[("random", 1)]["repeats"] == [cell["acc_best"]]
+    assert rows[("random", 10)]["accuracy"] is None and rows[("dit", 1)]["accuracy"] is None
+    # the DC cells are the committed ones, untouched
+    assert _cell(out, "random-r0-ipc1-dc") == _cell(study_dir, "random-r0-ipc1-dc")
+
+
 def test_a_full_classifier_of_other_settings_is_refused(study_dir):
     rec = study_dir / "work" / "full" / "result.json"
     original = rec.read_text()
