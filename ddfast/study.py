@@ -115,7 +115,7 @@ SCALES = {
             lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
-                           (4.0, "ddim", 50)),
+                           (4.0, "ddim", 50), (2.0, "ddpm", 25), (2.0, "ddpm", 100)),
             base={"model.dit": "micro", "model.patch_size": "4", "pretrain.steps": "8000",
                   "pretrain.lr": "2e-3", "pretrain.batch_size": "128", "pretrain.warmup": "500",
                   "pretrain.ema_decay": "0.999", "optim.steps": "300",
@@ -430,7 +430,9 @@ class Study:
         """The sampling settings every distilled set uses: the grid point whose samples lie
         closest to the validation images (lowest Fréchet distance in the full-data classifier's
         features), or none (the preset's) without a grid. Chosen once, written to
-        ``work/sampling.json``; the test split plays no part."""
+        ``work/sampling.json``; a point added to the grid later is measured and the choice made
+        again over the whole grid (runs drawn with a setting no longer chosen are then refused).
+        The test split plays no part."""
         from ddfast.eval.protocol import load_folder_set
 
         grid = self.scale.sampling_grid
@@ -439,12 +441,13 @@ class Study:
         if self._sampling is not None:
             return self._sampling
         path = self.work / "sampling.json"
+        known, before, stored = {}, None, None
         if path.is_file():
-            self._sampling = json.loads(path.read_text())["chosen"]
-            return self._sampling
+            rec = json.loads(path.read_text())
+            before, stored = rec["chosen"], rec["points"]
+            known = {(p["guidance_scale"], p["sampler"], p["steps"]): p for p in rec["points"]}
         q = self.scale.val_per_class
-        points = []
-        for guidance, sampler, steps in grid:
+        for guidance, sampler, steps in (g for g in grid if tuple(g) not in known):
             o = {"sample.guidance_scale": f"{guidance:g}", "sample.sampler": sampler,
                  "sample.steps": str(steps)}
             tag = f"-g{guidance:g}-{sampler}{steps}"
@@ -453,14 +456,18 @@ class Study:
             folder = self.train_run(f"sampling{tag}", o_run) / "distilled"
             x, y, _ = load_folder_set(folder, ipc=q)
             cell = self.quality_cell(f"val{tag}", x, y, against="val")
-            points.append({"guidance_scale": guidance, "sampler": sampler, "steps": steps,
-                           "settings": o, **{k: cell[k] for k in
-                                             ("fidelity", "fd", "precision", "recall",
-                                              "coverage")}})
+            known[(guidance, sampler, steps)] = {
+                "guidance_scale": guidance, "sampler": sampler, "steps": steps, "settings": o,
+                **{k: cell[k] for k in ("fidelity", "fd", "precision", "recall", "coverage")}}
+        points = [known[tuple(g)] for g in grid]
         best = min(points, key=lambda p: p["fd"])
-        write_json(path, {"criterion": "lowest Fréchet distance to the validation images",
-                          "per_class": q, "holdout": self.scale.holdout, "points": points,
-                          "chosen": best["settings"]})
+        if before is not None and best["settings"] != before:
+            log(f"[study] sampling: the grid now chooses {best['settings']} over {before}; "
+                "runs drawn with the old setting will be refused (start a new --out)")
+        if points != stored or best["settings"] != before:
+            write_json(path, {"criterion": "lowest Fréchet distance to the validation images",
+                              "per_class": q, "holdout": self.scale.holdout, "points": points,
+                              "chosen": best["settings"]})
         self._sampling = best["settings"]
         return self._sampling
 

@@ -143,6 +143,42 @@ def test_sampling_is_chosen_on_held_out_images_and_used_by_every_set(study_dir):
     assert "sampling.png" in res["plots"]
 
 
+def test_a_point_added_to_the_sampling_grid_is_measured_and_the_choice_made_again(
+        study_dir, tmp_path, monkeypatch, capsys):
+    import dataclasses
+    import shutil
+
+    out = tmp_path / "study"
+    shutil.copytree(study_dir, out)
+    old = json.loads((out / "work" / "sampling.json").read_text())
+    cells = {p.name: p.read_bytes() for p in (out / "work" / "sampling").iterdir()}
+    scale = SCALES["smoke"]["digits"]
+    added = (3.0, "ddpm", 4)
+    monkeypatch.setitem(SCALES["smoke"], "digits", dataclasses.replace(
+        scale, sampling_grid=(*scale.sampling_grid, added)))
+    capsys.readouterr()
+    chosen = Study("digits", "smoke", out).sampling()
+    log = capsys.readouterr().out
+    assert "[study] run sampling-g3-ddpm4" in log
+    rec = json.loads((out / "work" / "sampling.json").read_text())
+    # the old points are read, not measured again; only the new one is sampled and measured
+    assert rec["points"][:-1] == old["points"]
+    assert (rec["points"][-1]["guidance_scale"], rec["points"][-1]["sampler"],
+            rec["points"][-1]["steps"]) == added
+    assert {p.name: p.read_bytes() for p in (out / "work" / "sampling").iterdir()
+            if p.name in cells} == cells
+    assert set(p.name for p in (out / "work" / "sampling").iterdir()) - set(cells) == {
+        "val-g3-ddpm4.json"}
+    best = min(rec["points"], key=lambda p: p["fd"])
+    assert chosen == rec["chosen"] == best["settings"]
+    assert ("now chooses" in log) == (best["settings"] != old["chosen"])
+    # measured once: asked again, nothing is sampled and the record stays as it is
+    before = (out / "work" / "sampling.json").read_bytes()
+    assert Study("digits", "smoke", out).sampling() == chosen
+    assert (out / "work" / "sampling.json").read_bytes() == before
+    assert "[study] run sampling" not in capsys.readouterr().out
+
+
 def test_the_runs_differ_by_method_and_share_one_model(study_dir):
     work = study_dir / "work"
     base = json.loads((work / "base" / "config.json").read_text())
