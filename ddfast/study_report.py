@@ -89,7 +89,7 @@ def collect(study) -> dict:
         "dataset": study.dataset, "scale": study.scale_name,
         "settings": {"ipc": sorted({*s.ipc, *s.ipc_once}), "ipc_once": list(s.ipc_once),
                      "repeats": s.repeats, "protocols": list(s.protocols),
-                     "small_repeats": s.repeats_of("small"),
+                     "small_repeats": s.repeats_of("small"), "small_ipc": list(s.small_ipc),
                      "ablation_repeats": s.ablation_repeats or s.repeats,
                      "full_epochs": s.full_epochs,
                      "eval_epochs": s.eval_epochs or "protocol",
@@ -220,13 +220,20 @@ def markdown(res: dict) -> str:
         rows = [r for r in res["rows"] if r["protocol"] == proto]
         want = res["settings"]["small_repeats" if proto == "small" else "repeats"]
         once = set(res["settings"].get("ipc_once") or [])
+        # IPCs this scale never evaluates under the recipe: "-", not "not run"
+        skipped = {i for i in ipcs if proto == "small" and res["settings"].get("small_ipc")
+                   and i not in res["settings"]["small_ipc"]}
         lines += [f"ConvNet-3 top-1 test accuracy (%), {PROTOCOL_NAMES[proto]}: mean "
                   f"[min, max] over {want} repeats; (k of {want}) where only k have run"
                   + (f"; IPC {', '.join(map(str, sorted(once)))} once" if once else "")
+                  + ("; - where the scale does not evaluate this recipe" if skipped else "")
                   + ".", "", head, rule]
         for method in dict.fromkeys(r["method"] for r in rows):
             cells = []
             for i in ipcs:
+                if i in skipped:
+                    cells.append("-")
+                    continue
                 acc = next(r["accuracy"] for r in rows if r["method"] == method and r["ipc"] == i)
                 short = acc is not None and i not in once and acc["n"] < want
                 cells.append(_fmt(acc) + (f" ({acc['n']} of {want})" if short else ""))

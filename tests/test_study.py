@@ -290,6 +290,9 @@ def test_the_idc_recipe_runs_only_at_its_ipcs(study_dir, tmp_path, monkeypatch):
             ["rows"] if r["protocol"] == "small"}
     assert rows[("random", 1)]["repeats"] == [cell["acc_best"]]
     assert rows[("random", 10)]["accuracy"] is None and rows[("dit", 1)]["accuracy"] is None
+    table = (out / "results.md").read_text().split("IDC recipe")[1].split("\n\n")[1]
+    assert "| random real | " + f"{cell['acc_best']:.1f} | - | - |" in table  # IPC 1, 10, 20
+    assert "| DiT (no fine-tune) | not run | - | - |" in table
     # the DC cells are the committed ones, untouched
     assert _cell(out, "random-r0-ipc1-dc") == _cell(study_dir, "random-r0-ipc1-dc")
 
