@@ -358,7 +358,7 @@ def plots(res: dict, out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("images per class")
         ax.set_ylabel("top-1 test accuracy (%)")
-        ax.set_title(f"{res['dataset']}: {proto}")
+        ax.set_title(f"{res['dataset']}: {PROTOCOL_NAMES[proto].split(' (')[0]}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(_save(fig, out / "accuracy_vs_ipc.png", plt))
