@@ -50,6 +50,7 @@ def collect(study) -> dict:
             for ipc in sorted({*s.ipc, *s.ipc_once}):
                 cells = _cells(study, method, ipc, proto)
                 rows.append({"protocol": proto, "method": method, "ipc": ipc,
+                             "evaluated": s.evaluates(proto, ipc),
                              "accuracy": _stats(cells), "pairwise": _stats(cells, "pairwise"),
                              "coverage": _stats(cells, "coverage"),
                              "repeats": [c["acc_best"] for c in cells]})
@@ -221,8 +222,7 @@ def markdown(res: dict) -> str:
         want = res["settings"]["small_repeats" if proto == "small" else "repeats"]
         once = set(res["settings"].get("ipc_once") or [])
         # IPCs this scale never evaluates under the recipe: "-", not "not run"
-        skipped = {i for i in ipcs if proto == "small" and res["settings"].get("small_ipc")
-                   and i not in res["settings"]["small_ipc"]}
+        skipped = {r["ipc"] for r in rows if not r.get("evaluated", True)}
         lines += [f"ConvNet-3 top-1 test accuracy (%), {PROTOCOL_NAMES[proto]}: mean "
                   f"[min, max] over {want} repeats; (k of {want}) where only k have run"
                   + (f"; IPC {', '.join(map(str, sorted(once)))} once" if once else "")

@@ -271,7 +271,8 @@ def test_ipc_restricts_a_study_to_the_cells_of_those_ipcs(study_dir):
 
 def test_the_idc_recipe_runs_only_at_its_ipcs(study_dir, tmp_path, monkeypatch):
     """A scale with ``small_ipc`` evaluates those IPCs under the IDC recipe as well, and no other
-    IPC (the ``ipc_once`` one included); the report shows the missing ones as not run."""
+    IPC (the ``ipc_once`` one included); the report marks those it never evaluates with "-",
+    and cells not yet computed as not run."""
     import dataclasses
     import shutil
 
@@ -290,6 +291,8 @@ def test_the_idc_recipe_runs_only_at_its_ipcs(study_dir, tmp_path, monkeypatch):
             ["rows"] if r["protocol"] == "small"}
     assert rows[("random", 1)]["repeats"] == [cell["acc_best"]]
     assert rows[("random", 10)]["accuracy"] is None and rows[("dit", 1)]["accuracy"] is None
+    assert [r["evaluated"] for r in rows.values() if r["method"] == "random"] == [
+        ipc == 1 for ipc in sorted({*scale.ipc, *scale.ipc_once})]
     table = (out / "results.md").read_text().split("IDC recipe")[1].split("\n\n")[1]
     assert "| random real | " + f"{cell['acc_best']:.1f} | - | - |" in table  # IPC 1, 10, 20
     assert "| DiT (no fine-tune) | not run | - | - |" in table
