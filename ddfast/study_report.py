@@ -223,8 +223,9 @@ def markdown(res: dict) -> str:
         once = set(res["settings"].get("ipc_once") or [])
         # IPCs this scale never evaluates under the recipe: "-", not "not run"
         skipped = {r["ipc"] for r in rows if not r.get("evaluated", True)}
-        lines += [f"ConvNet-3 top-1 test accuracy (%), {PROTOCOL_NAMES[proto]}: mean "
-                  f"[min, max] over {want} repeats; (k of {want}) where only k have run"
+        spread = ("one run per cell" if want == 1 else
+                  f"mean [min, max] over {want} repeats; (k of {want}) where only k have run")
+        lines += [f"ConvNet-3 top-1 test accuracy (%), {PROTOCOL_NAMES[proto]}: {spread}"
                   + (f"; IPC {', '.join(map(str, sorted(once)))} once" if once else "")
                   + ("; - where the scale does not evaluate this recipe" if skipped else "")
                   + ".", "", head, rule]
@@ -473,7 +474,8 @@ def _write_grid(path: Path, x: torch.Tensor, per_class: int) -> Path:
 
 def grids(study, out: Path, columns: int = 10) -> list[Path]:
     """One PNG per method (repeat 0, up to ``columns`` images per class, one row per class), and
-    one per point of the lambda_g sweep."""
+    one per point of the lambda_g sweep. A run whose distilled set is not on disk (a checkout of
+    committed results holds no distilled images) keeps the grid already written for it."""
     from ddfast.eval.protocol import load_source_set
     from ddfast.study import METHODS
 
@@ -482,13 +484,18 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
     for method in METHODS:
         got = (load_source_set(study.data()[0], ipc)[:2] if method == "random" else
                _distilled_set(study, f"{method}-r0", ipc))
+        path = out / "grids" / f"{method}.png"
         if got is not None:
-            paths.append(_write_grid(out / "grids" / f"{method}.png", got[0], ipc))
+            paths.append(_write_grid(path, got[0], ipc))
+        elif path.is_file():
+            paths.append(path)
     for value, tag, _ in study.lambda_g_points():
         got = _distilled_set(study, f"ours-step{tag}-r0", 10)
+        path = out / "grids" / f"ours-step-lambda_g{value:g}.png"
         if got is not None:
-            paths.append(_write_grid(out / "grids" / f"ours-step-lambda_g{value:g}.png", got[0],
-                                     10))
+            paths.append(_write_grid(path, got[0], 10))
+        elif path.is_file():
+            paths.append(path)
     return paths
 
 

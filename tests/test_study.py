@@ -390,3 +390,17 @@ def test_a_clean_checkout_resumes_and_recomputes_only_missing_outputs(study_dir,
     assert rows((run / "metrics.jsonl").read_text()) == rows(before)
     assert {p.relative_to(run): p.read_bytes() for p in (run / "distilled").rglob("*.png")} \
         == images
+
+
+def test_a_report_without_a_runs_distilled_set_keeps_its_grid(study_dir, tmp_path):
+    out = tmp_path / "clone"
+    _committed_only(study_dir, out)
+    import shutil
+
+    grid = out / "grids" / "dit.png"
+    before = grid.read_bytes()
+    shutil.rmtree(out / "work" / "dit-r0" / "distilled")
+    res = Study("digits", "smoke", out).report()
+    assert "grids/dit.png" in res["grids"] and grid.read_bytes() == before
+    assert len(res["grids"]) == len(METHODS) + len(SCALES["smoke"]["digits"].lambda_g_factors)
+    assert not (out / "work" / "dit-r0" / "distilled").exists()  # nothing was sampled again
