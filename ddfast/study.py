@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -78,6 +79,12 @@ class Scale:
     # fine-tuning is shorter than that many passes over the data (0: at each pass's end). The
     # paper fine-tunes 8 epochs; a few hundred steps on Fashion-MNIST are a fraction of one.
     epoch_refreshes: int = 0
+    # The exact-generator reference at IPC 10 (DC/DSA recipe, computed with ``random``): real
+    # training images drawn as a generator that matched its training data exactly would draw
+    # them under classifier-free guidance g, ``exact_draws`` sets each (inf: one set, each
+    # class's most confident images). What the best generator sampled this way can score.
+    exact_guidance: tuple[float, ...] = ()
+    exact_draws: int = 3
 
     def repeats_of(self, protocol: str) -> int:
         return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
@@ -103,7 +110,8 @@ SCALES = {
     # full-data classifier 4 epochs at batch 64 (91.1 % on the test split, 18 min); the DC/DSA
     # recipe (about 12 min of one core per IPC-10 evaluation) with 3 repeats at IPC 1 and 10, and
     # the IDC recipe beside it once at IPC 1 and 10 (2,000 steps with CutMix at IPC 10, about
-    # twice the DC cost); no ablations.
+    # twice the DC cost); the exact-generator reference at IPC 10 (guidance 1, 2, 4: three
+    # draws each; inf: one set; 10 DC evaluations, about 2 h of one core); no ablations.
     "cpu": {
         "digits": Scale(ipc=(1, 10), repeats=3, protocols=("dc", "small"), full_epochs=100,
                         ablations=True, small_repeats=1, ablation_repeats=2,
@@ -113,6 +121,7 @@ SCALES = {
             full_epochs=4, full_batch=64,
             ablations=False, holdout=500, val_per_class=50, ipc_once=(50,),
             lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
+            exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3,
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddim", 50), (2.0, "ddpm", 25), (2.0, "ddpm", 100)),
@@ -127,6 +136,7 @@ SCALES = {
                         ablations=True, eval_epochs=2, sweep=(4.0,), quality_per_class=8,
                         ipc_once=(20,), epoch_refreshes=2,
                         holdout=5, val_per_class=6, lambda_g_factors=(0.0, 100.0),
+                        exact_guidance=(2.0, math.inf), exact_draws=2,
                         sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)), base={
                             "data.max_per_class": "40", "pretrain.steps": "30",
                             "optim.steps": "10", "sample.steps": "5",
@@ -138,6 +148,36 @@ DATASETS = {"digits": {"preset": "digits", "flip": False},
 ABLATED = ("objective.lambda_r", "objective.lambda_g", "memory.real_capacity",
            "memory.gen_capacity")
 REAL_PER_CLASS = 1000  # real images per class in the diversity reference
+
+
+EXACT_IPC = 10  # the IPC of the exact-generator reference
+
+
+def exact_draw(own: torch.Tensor, labels: torch.Tensor, ipc: int, guidance: float, draw: int,
+               num_classes: int) -> torch.Tensor:
+    """Positions of ``ipc`` pool items per class, class by class, drawn without replacement as
+    classifier-free guidance ``guidance`` on an exact model of the pool would draw them.
+
+    Guidance g samples p(x|c) p(c|x)^(g-1): within class c's items (p(x|c) uniform over them),
+    item i has weight own[i]^(g-1), own (N,) = p(labels[i] | x_i). g = 1 is a uniform draw;
+    g = inf takes the ``ipc`` items of highest own (ties by position). Draw ``draw`` of class c
+    uses a generator seeded 1000 * draw + c, so a set does not depend on the other classes.
+    """
+    picks = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        if members.numel() < ipc:
+            raise ConfigError(f"class {c} has {members.numel()} pool images, fewer than IPC {ipc}")
+        weight = own[members].double()
+        if math.isinf(guidance):
+            order = torch.sort(weight, descending=True, stable=True).indices
+            picks.append(members[order[:ipc]])
+        else:
+            gen = torch.Generator().manual_seed(1000 * draw + c)
+            chosen = torch.multinomial(weight ** (guidance - 1), ipc, replacement=False,
+                                       generator=gen)
+            picks.append(members[chosen])
+    return torch.cat(picks)
 
 
 def method_overrides(method: str) -> dict:
@@ -176,6 +216,7 @@ class Study:
             self.base["run.device"] = device
         self.base["run.progress"] = "on" if progress else "off"
         self._data = self._real = self._full = self._test_f = self._val = None
+        self._pool = None
         self._sampling = None
 
     # ------------------------------------------------------------------------------ runs
@@ -426,6 +467,35 @@ class Study:
             self._val = (x, train.labels[idx], self._features(x))
         return self._val
 
+    def exact_set(self, guidance: float, draw: int, ipc: int = EXACT_IPC):
+        """(images, labels) of the exact-generator reference: ``ipc`` training images per class
+        (the images every run trains on) drawn by ``exact_draw``, with p(c|x) the full-data
+        classifier's softmax."""
+        from ddfast.train import training_indices
+
+        train, _, _ = self.data()
+        labels = torch.as_tensor(train.labels)
+        if self._pool is None:
+            cfg = self.config("probe", {})
+            idx = training_indices(labels, cfg.data.max_per_class, cfg.data.holdout)
+            _, model = self.full_classifier()
+            probs = []
+            with torch.no_grad():
+                for k in range(0, len(idx), 2000):
+                    x = train.images(idx[k:k + 2000].tolist())
+                    probs.append(model(self._normalised(x)).softmax(1).cpu())
+            y = labels[idx]
+            self._pool = (idx, y, torch.cat(probs)[torch.arange(len(idx)), y])
+        idx, y, own = self._pool
+        pick = idx[exact_draw(own, y, ipc, guidance, draw, len(train.class_names))]
+        return train.images(pick.tolist()), labels[pick]
+
+    def exact_points(self):
+        """(guidance, draw, cell key) of every exact-generator cell of this scale."""
+        for g in self.scale.exact_guidance:
+            for d in range(1 if math.isinf(g) else self.scale.exact_draws):
+                yield g, d, f"exact-g{g:g}-d{d}-ipc{EXACT_IPC}-dc"
+
     def sampling(self) -> dict:
         """The sampling settings every distilled set uses: the grid point whose samples lie
         closest to the validation images (lowest Fréchet distance in the full-data classifier's
@@ -539,6 +609,10 @@ class Study:
                     write_json(path, {"lambda_g": value, "grey_levels": 255,
                                       "pixel_change_mean": float(diff.mean()),
                                       "pixel_change_max": float(diff.max())})
+        if "random" in methods and EXACT_IPC in wanted and EXACT_IPC in s.ipc:
+            for g, d, key in self.exact_points():
+                x, y = self.exact_set(g, d)
+                self.evaluate_cell(key, x, y, "dc", d)
         for ipc in (i for i in s.ipc_once if i in wanted):  # the costliest, after the others
             for method in methods:
                 x, y = self.method_set(method, 0, ipc)

@@ -83,6 +83,7 @@ def collect(study) -> dict:
     threads = sorted({c["threads"] for c in evals if c.get("threads")})
     sampling_path = study.work / "sampling.json"
     return {
+        "exact": exact(study),
         "lambda_g": lambda_g_sweep(study),
         "sampling": json.loads(sampling_path.read_text()) if sampling_path.is_file() else None,
         "quality": quality(study),
@@ -119,6 +120,27 @@ def _distilled_set(study, run: str, ipc: int):
         return None
     x, y, _ = load_folder_set(folder, ipc=ipc)
     return x, y
+
+
+def exact(study) -> list[dict]:
+    """The exact-generator reference (IPC 10, DC/DSA recipe), one row per guidance scale:
+    accuracy and diversity over its draws ("inf" for the most confident images)."""
+    import math
+
+    rows = {}
+    for g, _d, key in study.exact_points():
+        path = study.work / "evals" / f"{key}.json"
+        row = rows.setdefault(g, {"guidance": "inf" if math.isinf(g) else g, "cells": []})
+        if path.is_file():
+            row["cells"].append(json.loads(path.read_text()))
+    out = []
+    for g, row in rows.items():
+        cells = row.pop("cells")
+        out.append({**row, "draws": 1 if math.isinf(g) else study.scale.exact_draws,
+                    "accuracy": _stats(cells), "pairwise": _stats(cells, "pairwise"),
+                    "coverage": _stats(cells, "coverage"),
+                    "repeats": [c["acc_best"] for c in cells]})
+    return out
 
 
 def lambda_g_sweep(study) -> list[dict]:
@@ -204,6 +226,41 @@ def _fmt(stat: dict | None, digits: int = 1) -> str:
     return f"{stat['mean']:.{digits}f} [{stat['min']:.{digits}f}, {stat['max']:.{digits}f}]"
 
 
+def exact_lines(res: dict) -> list[str]:
+    """The exact-generator table, with the random-real and generated rows of the same IPC and
+    recipe beside it."""
+    from ddfast.study import EXACT_IPC
+
+    chosen = (res.get("sampling") or {}).get("chosen") or {}
+    lines = [f"What an exact generator would score (IPC {EXACT_IPC}, DC/DSA recipe): training "
+             "images drawn as a generator that matched its training data exactly would draw "
+             "them under classifier-free guidance g, from p(x|c) p(c|x)^(g-1) with p(c|x) the "
+             "full-data ConvNet-3's softmax; g = inf takes each class's most confident images. "
+             "Mean [min, max] over the draws, one evaluation each (k of n where only k have "
+             "run); below them, the study's own sets of the same IPC and recipe over their "
+             "repeats.", "",
+             "| set | sets | accuracy | pairwise | coverage |", "|---|---:|---:|---:|---:|"]
+    for p in res["exact"]:
+        acc = p["accuracy"]
+        short = acc is not None and acc["n"] < p["draws"]
+        pw = "-" if p["pairwise"] is None else f"{p['pairwise']['mean']:.4f}"
+        cov = "-" if p["coverage"] is None else f"{p['coverage']['mean']:.3f}"
+        g, study_g = p["guidance"], chosen.get("sample.guidance_scale")
+        label = "inf" if g == "inf" else f"{g:g}"
+        note = " (the study's)" if g != "inf" and study_g is not None and float(study_g) == g \
+            else ""
+        count = f" ({acc['n']} of {p['draws']})" if short else ""
+        lines.append(f"| exact generator, guidance {label}{note} | {p['draws']} | {_fmt(acc)}"
+                     f"{count} | {pw} | {cov} |")
+    for r in res["rows"]:
+        if (r["protocol"], r["ipc"]) == ("dc", EXACT_IPC) and r["accuracy"] is not None:
+            pw = "-" if r["pairwise"] is None else f"{r['pairwise']['mean']:.4f}"
+            cov = "-" if r["coverage"] is None else f"{r['coverage']['mean']:.3f}"
+            lines.append(f"| {LABELS[r['method']]} | {r['accuracy']['n']} | "
+                         f"{_fmt(r['accuracy'])} | {pw} | {cov} |")
+    return lines
+
+
 def markdown(res: dict) -> str:
     ipcs = res["settings"]["ipc"]
     head = "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |"
@@ -262,6 +319,8 @@ def markdown(res: dict) -> str:
             cov = "-" if r["coverage"] is None else f"{r['coverage']['mean']:.3f}"
             cells.append(f"{pw} / {cov}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    if res.get("exact"):
+        lines += ["", *exact_lines(res)]
     if res.get("sampling"):
         sw = res["sampling"]
         lines += ["", f"Sampling settings, chosen on {sw['holdout']} held-out training images "

@@ -1,6 +1,7 @@
 """The results study end to end at its smoke scale: every reported figure comes from a cell."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -404,3 +405,81 @@ def test_a_report_without_a_runs_distilled_set_keeps_its_grid(study_dir, tmp_pat
     assert "grids/dit.png" in res["grids"] and grid.read_bytes() == before
     assert len(res["grids"]) == len(METHODS) + len(SCALES["smoke"]["digits"].lambda_g_factors)
     assert not (out / "work" / "dit-r0" / "distilled").exists()  # nothing was sampled again
+
+
+def test_the_exact_draw_weighs_each_item_by_its_class_probability_to_the_guidance():
+    from ddfast.study import exact_draw
+
+    # Two classes of four pool items; own = p(own class | x).
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    own = torch.tensor([0.9, 0.5, 0.1, 1.0, 0.6, 1.0, 0.3, 0.2])
+    top = exact_draw(own, labels, 2, math.inf, 0, 2)
+    assert top.tolist() == [0, 4, 3, 5]  # class by class, highest first, ties by position
+    a, b = exact_draw(own, labels, 2, 2.0, 7, 2), exact_draw(own, labels, 2, 2.0, 7, 2)
+    assert torch.equal(a, b) and (labels[a] == torch.tensor([0, 0, 1, 1])).all()
+    assert len(set(a.tolist())) == 4  # without replacement
+    # One item per class drawn many times: frequencies follow own^(g-1), normalised per class.
+    n = 4000
+    for g in (1.0, 2.0, 4.0):
+        counts = torch.zeros(8)
+        for d in range(n):
+            counts[exact_draw(own, labels, 1, g, d, 2)] += 1
+        for c in (0, 1):
+            members = (labels == c).nonzero().flatten()
+            w = own[members].double() ** (g - 1)
+            expect = n * w / w.sum()
+            sd = (expect * (1 - w / w.sum())).sqrt()  # binomial spread of each count
+            assert ((counts[members].double() - expect).abs() <= 5 * sd + 1).all(), (g, c)
+    with pytest.raises(ConfigError, match="fewer than IPC 5"):
+        exact_draw(own, labels, 5, 2.0, 0, 2)
+
+
+def test_the_exact_generator_reference_is_drawn_from_the_training_pool(study_dir):
+    study = Study("digits", "smoke", study_dir)
+    res = json.loads((study_dir / "results.json").read_text())
+    points = list(study.exact_points())
+    assert [k for *_, k in points] == ["exact-g2-d0-ipc10-dc", "exact-g2-d1-ipc10-dc",
+                                       "exact-ginf-d0-ipc10-dc"]
+    assert [(p["guidance"], p["draws"]) for p in res["exact"]] == [(2.0, 2), ("inf", 1)]
+    for p, want in zip(res["exact"], ([0, 1], [0]), strict=True):
+        cells = [_cell(study_dir, f"exact-g{'inf' if p['guidance'] == 'inf' else '2'}-d{d}"
+                                  f"-ipc10-dc") for d in want]
+        assert p["repeats"] == [c["acc_best"] for c in cells]
+        assert [c["seed"] for c in cells] == want and all(c["ipc"] == 10 for c in cells)
+    # The sets: ten training images per class (never a held-out one), their own labels; the
+    # inf set is each class's most confident, by the full-data classifier.
+    from ddfast.train import training_indices
+
+    train, _, _ = study.data()
+    labels = torch.as_tensor(train.labels)
+    cfg = study.config("probe", {})
+    pool = training_indices(labels, cfg.data.max_per_class, cfg.data.holdout)
+    images = train.images(pool.tolist())
+    x0, y0 = study.exact_set(2.0, 0)
+    x1, _ = study.exact_set(2.0, 1)
+    assert y0.tolist() == [c for c in range(10) for _ in range(10)]
+    assert not torch.equal(x0, x1)
+    assert torch.equal(study.exact_set(2.0, 0)[0], x0)
+    flat = images.flatten(1)
+    for img, c in zip(x0, y0, strict=True):
+        hit = (flat == img.flatten()).all(1).nonzero().flatten()
+        assert hit.numel() and (labels[pool[hit]] == c).any()
+    xi, yi = study.exact_set(math.inf, 0)
+    _, model = study.full_classifier()
+    with torch.no_grad():
+        p_pool = model(study._normalised(images)).softmax(1)[torch.arange(len(pool)),
+                                                              labels[pool]]
+        p_set = model(study._normalised(xi)).softmax(1)[torch.arange(len(yi)), yi]
+    # Batches of other sizes may round the float32 logits differently: a few 1e-6 of a logit
+    # of tens, scaled by p (1 - p) <= 1/4 in p; 1e-4 is well above that and far below the
+    # gaps between the confidences of different images.
+    for c in range(10):
+        tenth = p_pool[labels[pool] == c].sort(descending=True).values[9]
+        assert (p_set[yi == c] >= tenth - 1e-4).all()
+    md = (study_dir / "results.md").read_text().splitlines()
+    chosen = json.loads((study_dir / "work" / "sampling.json").read_text())["chosen"]
+    mark = " (the study's)" if float(chosen["sample.guidance_scale"]) == 2.0 else ""
+    for label, draws in ((f"exact generator, guidance 2{mark}", 2),
+                         ("exact generator, guidance inf", 1), ("random real", 1)):
+        line = next(x for x in md if x.startswith(f"| {label} | {draws} | "))
+        assert "not run" not in line
