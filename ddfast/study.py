@@ -109,15 +109,15 @@ SCALES = {
     # core); 500 training images per class held out to choose the sampling settings; the
     # full-data classifier 4 epochs at batch 64 (91.1 % on the test split, 18 min); the DC/DSA
     # recipe (about 12 min of one core per IPC-10 evaluation) with 3 repeats at IPC 1 and 10, and
-    # the IDC recipe beside it once at IPC 1 and 10 (2,000 steps with CutMix at IPC 10, about
-    # twice the DC cost); the exact-generator reference at IPC 10 (guidance 1, 2, 4: three
+    # the IDC recipe beside it, also 3 repeats at IPC 1 and 10 (2,000 steps with CutMix at IPC
+    # 10, 12 to 17 min); the exact-generator reference at IPC 10 (guidance 1, 2, 4: three
     # draws each; inf: one set; 10 DC evaluations, about 2 h of one core); no ablations.
     "cpu": {
         "digits": Scale(ipc=(1, 10), repeats=3, protocols=("dc", "small"), full_epochs=100,
                         ablations=True, small_repeats=1, ablation_repeats=2,
                         lambda_g_factors=(0.0, 25.0, 250.0, 2500.0)),
         "fashion-mnist": Scale(
-            ipc=(1, 10), repeats=3, protocols=("dc", "small"), small_repeats=1, small_ipc=(1, 10),
+            ipc=(1, 10), repeats=3, protocols=("dc", "small"), small_repeats=3, small_ipc=(1, 10),
             full_epochs=4, full_batch=64,
             ablations=False, holdout=500, val_per_class=50, ipc_once=(50,),
             lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,

@@ -239,7 +239,7 @@ def exact_lines(res: dict) -> list[str]:
              "Mean [min, max] over the draws, one evaluation each (k of n where only k have "
              "run); below them, the study's own sets of the same IPC and recipe over their "
              "repeats.", "",
-             "| set | sets | accuracy | pairwise | coverage |", "|---|---:|---:|---:|---:|"]
+             "| set | runs | accuracy | pairwise | coverage |", "|---|---:|---:|---:|---:|"]
     for p in res["exact"]:
         acc = p["accuracy"]
         short = acc is not None and acc["n"] < p["draws"]
