@@ -532,11 +532,12 @@ def _write_grid(path: Path, x: torch.Tensor, per_class: int) -> Path:
 
 
 def grids(study, out: Path, columns: int = 10) -> list[Path]:
-    """One PNG per method (repeat 0, up to ``columns`` images per class, one row per class), and
-    one per point of the lambda_g sweep. A run whose distilled set is not on disk (a checkout of
-    committed results holds no distilled images) keeps the grid already written for it."""
+    """One PNG per method (repeat 0, up to ``columns`` images per class, one row per class), one
+    per point of the lambda_g sweep, and one per guidance of the exact-generator reference. A
+    run whose distilled set is not on disk (a checkout of committed results holds no distilled
+    images) keeps the grid already written for it."""
     from ddfast.eval.protocol import load_source_set
-    from ddfast.study import METHODS
+    from ddfast.study import EXACT_IPC, METHODS
 
     ipc = min(columns, max(study.scale.ipc))
     paths = []
@@ -555,6 +556,9 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
             paths.append(_write_grid(path, got[0], 10))
         elif path.is_file():
             paths.append(path)
+    for g in study.scale.exact_guidance:  # draw 0 of each: real images, always on hand
+        x, _ = study.exact_set(g, 0)
+        paths.append(_write_grid(out / "grids" / f"exact-g{g:g}.png", x, EXACT_IPC))
     return paths
 
 

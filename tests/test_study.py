@@ -46,7 +46,8 @@ def test_results_are_read_from_the_cells(study_dir):
     assert "| random real |" in md and "not run" not in md
     for rel in res["plots"] + res["grids"]:
         assert (study_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(res["grids"]) == len(METHODS) + len(scale.lambda_g_factors)
+    assert len(res["grids"]) == (len(METHODS) + len(scale.lambda_g_factors)
+                                 + len(scale.exact_guidance))
     # the lambda_g sweep: the default and each factor, every row read from its cell and sets
     sweep = res["lambda_g"]
     default = 0.008
@@ -403,7 +404,9 @@ def test_a_report_without_a_runs_distilled_set_keeps_its_grid(study_dir, tmp_pat
     shutil.rmtree(out / "work" / "dit-r0" / "distilled")
     res = Study("digits", "smoke", out).report()
     assert "grids/dit.png" in res["grids"] and grid.read_bytes() == before
-    assert len(res["grids"]) == len(METHODS) + len(SCALES["smoke"]["digits"].lambda_g_factors)
+    scale = SCALES["smoke"]["digits"]
+    assert len(res["grids"]) == (len(METHODS) + len(scale.lambda_g_factors)
+                                 + len(scale.exact_guidance))
     assert not (out / "work" / "dit-r0" / "distilled").exists()  # nothing was sampled again
 
 
@@ -484,3 +487,9 @@ def test_the_exact_generator_reference_is_drawn_from_the_training_pool(study_dir
                          ("exact generator, guidance inf", 1), ("random real", 1)):
         line = next(x for x in md if x.startswith(f"| {label} | {draws} | "))
         assert "not run" not in line
+    # its grids: draw 0 of each guidance, the set the cells of draw 0 trained on
+    from ddfast.study_report import _write_grid
+
+    for g in (2.0, math.inf):
+        ref = _write_grid(study_dir / "ref.png", study.exact_set(g, 0)[0], 10).read_bytes()
+        assert (study_dir / "grids" / f"exact-g{g:g}.png").read_bytes() == ref
