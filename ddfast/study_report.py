@@ -556,9 +556,11 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
             paths.append(_write_grid(path, got[0], 10))
         elif path.is_file():
             paths.append(path)
-    for g in study.scale.exact_guidance:  # draw 0 of each: real images, always on hand
-        x, _ = study.exact_set(g, 0)
-        paths.append(_write_grid(out / "grids" / f"exact-g{g:g}.png", x, EXACT_IPC))
+    for g, d, key in study.exact_points():  # draw 0 of each, once its cell is computed (then
+        # the full-data classifier that draws it is on disk: a report never trains one)
+        if d == 0 and (study.work / "evals" / f"{key}.json").is_file():
+            x, _ = study.exact_set(g, 0)
+            paths.append(_write_grid(out / "grids" / f"exact-g{g:g}.png", x, EXACT_IPC))
     return paths
 
 
