@@ -96,7 +96,10 @@ def collect(study) -> dict:
                      "full_epochs": s.full_epochs,
                      "eval_epochs": s.eval_epochs or "protocol",
                      "run_overrides": study.base, "ablation_factors": list(s.sweep),
-                     "epoch_refreshes": s.epoch_refreshes},
+                     "epoch_refreshes": s.epoch_refreshes,
+                     "exact_guidance": [str(g) if g == float("inf") else g
+                                        for g in s.exact_guidance],
+                     "exact_draws": s.exact_draws},
         "device": device_name(study.device), "torch": torch.__version__,
         # The CPU threads of each evaluation (cells from before this was recorded carry none).
         "eval_threads": threads,
