@@ -42,10 +42,11 @@ from torch import nn
 
 from ddfast.errors import ModelError, OutputError
 
-# DiT paper sizes plus two trained from scratch on a CPU. Parameters (tied embedders, 4 latent
+# DiT paper sizes plus three trained from scratch on a CPU. Parameters (tied embedders, 4 latent
 # channels, 1000 classes, 32x32 latents): XL/2 674.8 M (the paper's 675.1 M also counts the fixed
 # sin-cos position table, a buffer here), L/2 457.8 M, B/2 130.3 M, S/2 32.9 M. The small ones at
-# 10 classes, 1 channel: tiny 7.37 M (28x28 inputs), micro 1.27 M (8x8).
+# 10 classes, 1 channel: tiny 7.37 M (28x28 inputs), micro 1.27 M (8x8), mini 5.01 M (28x28,
+# 4x4 patches): micro's depth at tiny's width.
 DIT_PRESETS: dict[str, dict[str, int]] = {
     "XL/2": dict(depth=28, hidden=1152, heads=16, patch=2),
     "XL/4": dict(depth=28, hidden=1152, heads=16, patch=4),
@@ -54,6 +55,7 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
     "S/2": dict(depth=12, hidden=384, heads=6, patch=2),
     "tiny": dict(depth=6, hidden=256, heads=4, patch=2),
     "micro": dict(depth=4, hidden=128, heads=4, patch=2),
+    "mini": dict(depth=4, hidden=256, heads=4, patch=2),
 }
 
 # "sd": the sd-vae-ft-ema / -mse architecture (83.65 M parameters, factor 8, 4 latent channels,

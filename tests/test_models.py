@@ -66,7 +66,7 @@ def test_preset_table_is_the_dit_papers():
         build_dit("micro", in_channels=4, sample_size=7, num_classes=10)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "micro"])
+@pytest.mark.parametrize("preset", ["tiny", "micro", "mini"])
 def test_small_presets_forward_with_learned_variance(preset):
     torch.manual_seed(0)
     dit = build_dit(preset, in_channels=1, sample_size=8, num_classes=10).eval()
