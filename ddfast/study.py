@@ -85,6 +85,12 @@ class Scale:
     # class's most confident images). What the best generator sampled this way can score.
     exact_guidance: tuple[float, ...] = ()
     exact_draws: int = 3
+    # Candidate generators (name -> overrides of ``base``), each trained from scratch in a study
+    # of its own under ``<out>/generators/<name>`` and judged by this study's measures: its
+    # samples at the chosen sampling setting against the held-out images, and its IPC-10 set
+    # (seed 0, no fine-tuning) under the DC/DSA recipe, beside the exact generator. Computed only
+    # when asked for (``--generators``): each costs a generator's training.
+    generators: dict = field(default_factory=dict)
 
     def repeats_of(self, protocol: str) -> int:
         return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
@@ -125,6 +131,15 @@ SCALES = {
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddim", 50), (2.0, "ddpm", 25), (2.0, "ddpm", 100)),
+            # Candidate generators at about this one's training time (80 to 95 min of one core,
+            # bf16 autocast): 4x the width, or 2x2 patches (196 tokens).
+            generators={
+                "mini": {"model.dit": "mini", "model.patch_size": "4", "run.precision": "bf16",
+                         "pretrain.batch_size": "64", "pretrain.lr": "1e-3",
+                         "pretrain.steps": "7000"},
+                "micro-p2": {"model.dit": "micro", "model.patch_size": "2",
+                             "run.precision": "bf16", "pretrain.batch_size": "64",
+                             "pretrain.lr": "1e-3", "pretrain.steps": "4500"}},
             base={"model.dit": "micro", "model.patch_size": "4", "pretrain.steps": "8000",
                   "pretrain.lr": "2e-3", "pretrain.batch_size": "128", "pretrain.warmup": "500",
                   "pretrain.ema_decay": "0.999", "optim.steps": "300",
@@ -137,7 +152,8 @@ SCALES = {
                         ipc_once=(20,), epoch_refreshes=2,
                         holdout=5, val_per_class=6, lambda_g_factors=(0.0, 100.0),
                         exact_guidance=(2.0, math.inf), exact_draws=2,
-                        sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)), base={
+                        sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)),
+                        generators={"longer": {"pretrain.steps": "40"}}, base={
                             "data.max_per_class": "40", "pretrain.steps": "30",
                             "optim.steps": "10", "sample.steps": "5",
                             "memory.real_capacity": "4", "memory.gen_capacity": "4"}),
@@ -541,6 +557,46 @@ class Study:
         self._sampling = best["settings"]
         return self._sampling
 
+    def sampling_point(self) -> tuple[float, str, int] | None:
+        """(guidance scale, sampler, steps) of the chosen sampling setting; None without a grid."""
+        if not self.sampling():
+            return None
+        rec = json.loads((self.work / "sampling.json").read_text())
+        p = next(p for p in rec["points"] if p["settings"] == rec["chosen"])
+        return p["guidance_scale"], p["sampler"], p["steps"]
+
+    def generator_study(self, name: str) -> Study:
+        """The study of candidate generator ``name``: this study's scale, data and full-data
+        classifier, its base settings with the candidate's overrides, sampled at this study's
+        chosen setting, under ``<out>/generators/<name>``."""
+        if name not in self.scale.generators:
+            known = ", ".join(self.scale.generators) or "none at this scale"
+            raise ConfigError(f"unknown generator {name!r}: this scale's candidates are {known}")
+        sub = Study(self.dataset, self.scale_name, self.out / "generators" / name, self.device,
+                    self.root, self.progress)
+        point = self.sampling_point()
+        sub.scale = replace(self.scale, sampling_grid=(point,) if point else (),
+                            exact_guidance=(), generators={})
+        sub.base.update(self.scale.generators[name])
+        sub._data, sub._full = self.data(), self.full_classifier()
+        return sub
+
+    def generator_cells(self, name: str) -> None:
+        """Train candidate generator ``name`` and compute its cells (see ``Scale.generators``);
+        nothing when they exist (a clean checkout holds them, not the candidate's weights)."""
+        sub = self.generator_study(name)
+        keys = [sub.work / "evals" / f"dit-r0-ipc{EXACT_IPC}-dc.json",
+                sub.work / "quality" / f"dit-r0-ipc{EXACT_IPC}.json"]
+        if all(k.is_file() for k in keys) and (not sub.scale.sampling_grid
+                                               or (sub.work / "sampling.json").is_file()):
+            return
+        log(f"[study] generator {name}: {self.scale.generators[name]}")
+        sub.pretrained()
+        sub.sampling()
+        x, y = sub.method_set("dit", 0, EXACT_IPC)
+        sub.quality_cell(f"dit-r0-ipc{EXACT_IPC}", x, y)
+        sub.evaluate_cell(f"dit-r0-ipc{EXACT_IPC}-dc", x, y, "dc", 0)
+
     def generator_quality(self, methods: tuple[str, ...]) -> None:
         """The generator itself (``dit``: the from-scratch model, sampled with the study's
         settings) and the same number of real training images (the first of each class)."""
@@ -706,6 +762,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ipc", default="",
                    help="comma-separated IPCs: compute only their cells (default: every IPC of "
                         "the scale)")
+    p.add_argument("--generators", default="",
+                   help="comma-separated candidate generators of the scale (or all): train each "
+                        "and measure it beside this study's generator, instead of the methods' "
+                        "cells")
     p.add_argument("--report", action="store_true",
                    help="only rebuild results.json, results.md and the plots from the cells")
     p.add_argument("--progress", action="store_true", help="progress bars for every stage")
@@ -724,7 +784,19 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise ConfigError(f"--ipc {args.ipc!r}: pass comma-separated integers, "
                                   f"e.g. --ipc 1,10") from None
-            study.run_all(methods, ipcs)
+            names = [g for g in args.generators.split(",") if g]
+            if names == ["all"]:
+                names = list(study.scale.generators)
+            unknown = [g for g in names if g not in study.scale.generators]
+            if unknown:  # every name checked before any is trained
+                known = ", ".join(study.scale.generators) or "none at this scale"
+                raise ConfigError(f"unknown generator(s) {', '.join(unknown)}: this scale's "
+                                  f"candidates are {known}")
+            if names:
+                for name in names:
+                    study.generator_cells(name)
+            else:
+                study.run_all(methods, ipcs)
         study.report()
     except DdfastError as exc:
         print(f"error: {exc}", file=sys.stderr)

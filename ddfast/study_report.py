@@ -84,6 +84,7 @@ def collect(study) -> dict:
     sampling_path = study.work / "sampling.json"
     return {
         "exact": exact(study),
+        "generators": generators(study),
         "lambda_g": lambda_g_sweep(study),
         "sampling": json.loads(sampling_path.read_text()) if sampling_path.is_file() else None,
         "quality": quality(study),
@@ -114,11 +115,11 @@ def collect(study) -> dict:
     }
 
 
-def _distilled_set(study, run: str, ipc: int):
-    """(images, labels) of a finished run's distilled set, or None."""
+def _distilled_set(work: Path, run: str, ipc: int):
+    """(images, labels) of a finished run's distilled set (run folder ``work/run``), or None."""
     from ddfast.eval.protocol import load_folder_set
 
-    folder = study.work / run / "distilled"
+    folder = work / run / "distilled"
     if not (folder / "manifest.json").is_file():
         return None
     x, y, _ = load_folder_set(folder, ipc=ipc)
@@ -219,6 +220,90 @@ def mechanism(study) -> dict:
                                for i in range(len(steps))]
         out[method] = curves
     return out
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def generators(study) -> list[dict]:
+    """This study's generator and each candidate of the scale (``--generators``), as far as
+    measured: its settings and size, its training time, its samples' quality against the
+    held-out images at the chosen sampling setting, and its IPC-10 set (seed 0, no fine-tuning):
+    quality against the test images and accuracy under the DC/DSA recipe."""
+    from ddfast.models import build_dit
+    from ddfast.study import EXACT_IPC
+
+    if not study.scale.generators:
+        return []
+    train = study.data()[0]
+    rows = []
+    for name, over in [("this study's", {}), *study.scale.generators.items()]:
+        work = study.work if not over else study.out / "generators" / name / "work"
+        row = {"name": name, "overrides": over, "parameters": None, "pretrain_s": None,
+               "val": None, "quality": None, "accuracy": None}
+        cfg, summary = _json(work / "base" / "config.json"), _json(work / "base" / "summary.json")
+        if cfg is not None:
+            m, pre = cfg["model"], cfg["pretrain"]
+            dit = build_dit(m["dit"], in_channels=train.channels, sample_size=train.resolution,
+                            num_classes=len(train.class_names), patch_size=m["patch_size"] or None)
+            row["settings"] = {"dit": m["dit"], "patch": dit.config.patch_size,
+                               "steps": pre["steps"], "batch": pre["batch_size"],
+                               "lr": pre["lr"], "precision": cfg["run"]["precision"]}
+            row["parameters"] = sum(t.numel() for t in dit.parameters())
+        if summary is not None:
+            row["pretrain_s"] = summary["timings_s"].get("pretrain")
+        sw = _json(work / "sampling.json")
+        if sw is not None:
+            point = next(p for p in sw["points"] if p["settings"] == sw["chosen"])
+            row["val"] = {k: point[k] for k in ("fidelity", "fd", "precision", "recall",
+                                                "coverage")}
+        row["quality"] = _json(work / "quality" / f"dit-r0-ipc{EXACT_IPC}.json")
+        cell = _json(work / "evals" / f"dit-r0-ipc{EXACT_IPC}-dc.json")
+        row["accuracy"] = None if cell is None else cell["acc_best"]
+        rows.append(row)
+    return rows
+
+
+def generator_lines(res: dict) -> list[str]:
+    """The candidate generators' table, with the bar a generated IPC-10 set must clear."""
+    from ddfast.study import EXACT_IPC
+
+    lines = ["Candidate generators (`--generators`), each trained from scratch here and sampled "
+             "at the study's chosen setting without fine-tuning: its samples against the "
+             "held-out images (Fréchet distance, precision, recall, coverage, fidelity %), and "
+             f"its IPC-{EXACT_IPC} set (seed 0) under the DC/DSA recipe: accuracy (%), one run.",
+             "", "| generator | parameters | pretraining | min | held-out FD | precision | recall "
+             f"| coverage | fidelity | IPC {EXACT_IPC} accuracy |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for g in res["generators"]:
+        st = g.get("settings")
+        what = ("not run" if st is None else
+                f"{st['dit']}, {st['patch']}x{st['patch']} patches, {st['steps']} steps of "
+                f"{st['batch']}, lr {st['lr']:g}, {st['precision']}")
+        params = "-" if g["parameters"] is None else f"{g['parameters'] / 1e6:.2f} M"
+        mins = "-" if g["pretrain_s"] is None else f"{g['pretrain_s'] / 60:.0f}"
+        v = g["val"]
+        val = (["-"] * 5 if v is None else
+               [f"{v['fd']:.3g}", f"{v['precision']:.3f}", f"{v['recall']:.3f}",
+                f"{v['coverage']:.3f}", f"{v['fidelity']:.1f}"])
+        acc = "not run" if g["accuracy"] is None else f"{g['accuracy']:.1f}"
+        lines.append(f"| {g['name']} | {params} | {what} | {mins} | " + " | ".join(val)
+                     + f" | {acc} |")
+    bar = []
+    real = next((r for r in res["rows"] if (r["protocol"], r["method"], r["ipc"])
+                 == ("dc", "random", EXACT_IPC)), None)
+    if real and real["accuracy"]:
+        bar.append(f"random real {_fmt(real['accuracy'])}")
+    chosen = (res.get("sampling") or {}).get("chosen") or {}
+    g = chosen.get("sample.guidance_scale")
+    for p in res.get("exact") or []:
+        if g is not None and p["guidance"] != "inf" and float(g) == p["guidance"] \
+                and p["accuracy"]:
+            bar.append(f"the exact generator at guidance {g} {_fmt(p['accuracy'])}")
+    if bar:
+        lines += ["", f"The bar at IPC {EXACT_IPC}, same recipe: " + "; ".join(bar) + "."]
+    return lines
 
 
 def _fmt(stat: dict | None, digits: int = 1) -> str:
@@ -324,6 +409,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if res.get("exact"):
         lines += ["", *exact_lines(res)]
+    if res.get("generators"):
+        lines += ["", *generator_lines(res)]
     if res.get("sampling"):
         sw = res["sampling"]
         lines += ["", f"Sampling settings, chosen on {sw['holdout']} held-out training images "
@@ -546,17 +633,24 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
     paths = []
     for method in METHODS:
         got = (load_source_set(study.data()[0], ipc)[:2] if method == "random" else
-               _distilled_set(study, f"{method}-r0", ipc))
+               _distilled_set(study.work, f"{method}-r0", ipc))
         path = out / "grids" / f"{method}.png"
         if got is not None:
             paths.append(_write_grid(path, got[0], ipc))
         elif path.is_file():
             paths.append(path)
     for value, tag, _ in study.lambda_g_points():
-        got = _distilled_set(study, f"ours-step{tag}-r0", 10)
+        got = _distilled_set(study.work, f"ours-step{tag}-r0", 10)
         path = out / "grids" / f"ours-step-lambda_g{value:g}.png"
         if got is not None:
             paths.append(_write_grid(path, got[0], 10))
+        elif path.is_file():
+            paths.append(path)
+    for name in study.scale.generators:  # each candidate's IPC-10 set, once sampled
+        got = _distilled_set(study.out / "generators" / name / "work", "dit-r0", EXACT_IPC)
+        path = out / "grids" / f"generator-{name}.png"
+        if got is not None:
+            paths.append(_write_grid(path, got[0], EXACT_IPC))
         elif path.is_file():
             paths.append(path)
     for g, d, key in study.exact_points():  # draw 0 of each, once its cell is computed (then

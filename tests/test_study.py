@@ -493,3 +493,48 @@ def test_the_exact_generator_reference_is_drawn_from_the_training_pool(study_dir
     for g in (2.0, math.inf):
         ref = _write_grid(study_dir / "ref.png", study.exact_set(g, 0)[0], 10).read_bytes()
         assert (study_dir / "grids" / f"exact-g{g:g}.png").read_bytes() == ref
+
+
+def test_a_candidate_generator_is_measured_in_a_study_of_its_own(study_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "study"
+    shutil.copytree(study_dir, out)
+    scale = SCALES["smoke"]["digits"]
+    name, over = next(iter(scale.generators.items()))
+    args = ["--dataset", "digits", "--scale", "smoke", "--out", str(out)]
+    assert main([*args, "--generators", name]) == 0
+    sub = out / "generators" / name / "work"
+    cfg = json.loads((sub / "base" / "config.json").read_text())
+    assert cfg["pretrain"]["steps"] == int(over["pretrain.steps"])
+    own = json.loads((out / "work" / "base" / "summary.json").read_text())["config_digest"]
+    assert json.loads((sub / "base" / "summary.json").read_text())["config_digest"] != own
+    assert not (sub / "full").exists()  # the study's full-data classifier, not one of its own
+    # sampled at the study's chosen setting, and only at it
+    chosen = json.loads((out / "work" / "sampling.json").read_text())["chosen"]
+    sw = json.loads((sub / "sampling.json").read_text())
+    assert sw["chosen"] == chosen and len(sw["points"]) == 1
+    dit_cfg = json.loads((sub / "dit-r0" / "config.json").read_text())
+    assert dit_cfg["model"]["dit"] == str(sub / "base" / "pretrained")
+    assert dit_cfg["sample"]["guidance_scale"] == float(chosen["sample.guidance_scale"])
+    res = json.loads((out / "results.json").read_text())
+    rows = {g["name"]: g for g in res["generators"]}
+    cell = json.loads((sub / "evals" / "dit-r0-ipc10-dc.json").read_text())
+    assert cell["ipc"] == 10 and rows[name]["accuracy"] == cell["acc_best"]
+    assert rows[name]["val"]["fd"] == sw["points"][0]["fd"]
+    assert rows[name]["settings"]["steps"] == int(over["pretrain.steps"])
+    ours = rows["this study's"]
+    assert ours["accuracy"] == _cell(out, "dit-r0-ipc10-dc")["acc_best"]
+    assert ours["settings"]["steps"] == int(scale.base["pretrain.steps"])
+    assert ours["parameters"] == rows[name]["parameters"] > 0  # the same architecture
+    md = (out / "results.md").read_text()
+    assert "Candidate generators" in md and f"| {name} |" in md
+    assert (out / "grids" / f"generator-{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # a rerun computes nothing again
+    before = {p: p.stat().st_mtime_ns for p in sub.rglob("*.json")}
+    assert main([*args, "--generators", "all"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in sub.rglob("*.json")} == before
+    capsys.readouterr()
+    assert main([*args, "--generators", f"{name},nope"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and f"candidates are {name}" in err
