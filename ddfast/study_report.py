@@ -244,12 +244,14 @@ def generators(study) -> list[dict]:
                "val": None, "quality": None, "accuracy": None}
         cfg, summary = _json(work / "base" / "config.json"), _json(work / "base" / "summary.json")
         if cfg is not None:
-            m, pre = cfg["model"], cfg["pretrain"]
+            m, pre, precision = cfg["model"], cfg["pretrain"], cfg["run"]["precision"]
+            if precision == "auto" and summary is not None:  # as ddfast.train resolves it
+                precision = "bf16" if summary.get("device", "cpu").startswith("cuda") else "fp32"
             dit = build_dit(m["dit"], in_channels=train.channels, sample_size=train.resolution,
                             num_classes=len(train.class_names), patch_size=m["patch_size"] or None)
             row["settings"] = {"dit": m["dit"], "patch": dit.config.patch_size,
                                "steps": pre["steps"], "batch": pre["batch_size"],
-                               "lr": pre["lr"], "precision": cfg["run"]["precision"]}
+                               "lr": pre["lr"], "precision": precision}
             row["parameters"] = sum(t.numel() for t in dit.parameters())
         if summary is not None:
             row["pretrain_s"] = summary["timings_s"].get("pretrain")
