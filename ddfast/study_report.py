@@ -228,9 +228,10 @@ def _json(path: Path) -> dict | None:
 
 def generators(study) -> list[dict]:
     """This study's generator and each candidate of the scale (``--generators``), as far as
-    measured: its settings and size, its training time, its samples' quality against the
-    held-out images at the chosen sampling setting, and its IPC-10 set (seed 0, no fine-tuning):
-    quality against the test images and accuracy under the DC/DSA recipe."""
+    measured (nothing until a candidate has trained): its settings and size, its training time,
+    its samples' quality against the held-out images at the chosen sampling setting, and its
+    IPC-10 set (seed 0, no fine-tuning): quality against the test images and accuracy under the
+    DC/DSA recipe."""
     from ddfast.models import build_dit
     from ddfast.study import EXACT_IPC
 
@@ -264,7 +265,8 @@ def generators(study) -> list[dict]:
         cell = _json(work / "evals" / f"dit-r0-ipc{EXACT_IPC}-dc.json")
         row["accuracy"] = None if cell is None else cell["acc_best"]
         rows.append(row)
-    return rows
+    # The table compares candidates with this study's generator: none measured, no table.
+    return rows if any(r.get("settings") for r in rows[1:]) else []
 
 
 def generator_lines(res: dict) -> list[str]:
