@@ -239,8 +239,8 @@ def generators(study) -> list[dict]:
         return []
     train = study.data()[0]
     rows = []
-    for name, over in [("this study's", {}), *study.scale.generators.items()]:
-        work = study.work if not over else study.out / "generators" / name / "work"
+    for i, (name, over) in enumerate([("this study's", {}), *study.scale.generators.items()]):
+        work = study.out / "generators" / name / "work" if i else study.work
         row = {"name": name, "overrides": over, "parameters": None, "pretrain_s": None,
                "val": None, "quality": None, "accuracy": None}
         cfg, summary = _json(work / "base" / "config.json"), _json(work / "base" / "summary.json")
