@@ -387,8 +387,10 @@ def combine_minimax_terms(rep_min: Tensor, div_max: Tensor, labels: Tensor, real
     one, +-inf where a class has no pair; labels (B,); real_counts, gen_counts (C,).
     """
     num_classes = rep_min.shape[0]
+    # index_fill_ takes the value as a kernel argument; ``present[labels] = True`` would copy it
+    # from the host first, a synchronising transfer on a GPU.
     present = torch.zeros(num_classes, dtype=torch.bool, device=rep_min.device)  # (C,)
-    present[labels] = True
+    present.index_fill_(0, labels, True)
     has_gen = present & (gen_counts > 0)  # (C,)
     has_real = has_gen & (real_counts > 0)  # (C,)
     weight = 1.0 / present.sum().to(rep_min.dtype)  # () 1/n
