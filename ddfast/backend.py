@@ -3,7 +3,10 @@
 Backends: ``"ref"`` (pure torch, ``ddfast.ref``), ``"cpp"`` (the compiled module on the CPU),
 ``"triton"`` (``ddfast.kernels``, on a GPU, or on the CPU under ``TRITON_INTERPRET=1``) and
 ``"cuda"`` (the compiled module's CUDA kernels). By default a CPU runs ``cpp`` and a GPU runs
-``triton``, then ``cuda``; when neither fast path can run, ``ref`` runs after a one-time warning.
+``cuda``, then ``triton``; when neither fast path can run, ``ref`` runs after a one-time warning.
+The GPU order is measured (``pytest bench --benchmark-only`` on an H200, results/bench/gpu.md):
+the CUDA kernels beat the Triton ones on every operation at the large shape, prune_adaptive by
+21x; Triton stays the path for a GPU build without nvcc.
 ``DDFAST_BACKEND=ref|cpp|triton|cuda`` forces one backend and fails loudly when it cannot run.
 """
 
@@ -81,7 +84,7 @@ def choose(op_name: str, device: torch.device | str) -> str:
             raise ConfigError(f"{ENV_VAR}={forced} cannot run {op_name} on {device}: {reason}; "
                               f"unset {ENV_VAR} to choose automatically")
         return forced
-    preferred = ("cpp",) if device.type == "cpu" else ("triton", "cuda")
+    preferred = ("cpp",) if device.type == "cpu" else ("cuda", "triton")
     reasons = []
     for backend in preferred:
         reason = _why_not(op_name, backend, device)

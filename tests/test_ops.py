@@ -212,15 +212,16 @@ def test_fallback_warns_once(monkeypatch):
 
 
 def test_cuda_default_order(monkeypatch):
-    """triton, then cuda, then ref with one warning; no GPU is touched."""
+    """cuda, then triton, then ref with one warning; no GPU is touched."""
     monkeypatch.delenv("DDFAST_BACKEND", raising=False)
     monkeypatch.setattr(backend, "_warned", set())
     monkeypatch.setattr(backend, "find_spec", lambda name: object())
-    assert backend.choose("class_extremes", "cuda") == "triton"
-    monkeypatch.setattr(backend, "find_spec", lambda name: None)
     monkeypatch.setattr(backend._ext, "has_cuda", lambda: True)
     for op_name in backend.OPS:
         assert backend.choose(op_name, "cuda") == "cuda"
     monkeypatch.setattr(backend._ext, "has_cuda", lambda: False)
+    for op_name in backend.OPS:
+        assert backend.choose(op_name, "cuda") == "triton"
+    monkeypatch.setattr(backend, "find_spec", lambda name: None)
     with pytest.warns(RuntimeWarning, match="falls back"):
         assert backend.choose("class_extremes", "cuda") == "ref"
