@@ -89,7 +89,7 @@ CPU_SIZES = Sizes(dim=256, slots=(8, 64), prune_rows=200, workload="tiny", finet
                   sample_images=8, reference_images=2, e2e_dit="micro", e2e_vae="small",
                   e2e_resolution=32)
 OPS = tuple(backend.OPS)
-FAST_BACKENDS = {"cpu": ("cpp", "triton"), "cuda": ("triton", "cuda")}  # by device type
+FAST_BACKENDS = {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")}  # by device type
 WOOF = ("n02096294", "n02093754")  # two ImageWoof classes (ImageNet 193 and 182)
 
 
@@ -130,12 +130,14 @@ def arch_support(archs: list[str], capability: tuple[int, int]) -> tuple[bool, s
 
 class Checker:
     def __init__(self, device: torch.device, quick: bool,
-                 json_path: Path | None = None) -> None:
+                 json_path: Path | None = None, compile: bool = True) -> None:
         self.device = device
         self.json_path = json_path  # rewritten after every check: a killed run keeps its results
         self.began = time.perf_counter()
         self.cuda = device.type == "cuda"
         self.quick = quick
+        # Why the compiled step and sampler are skipped, or None when they run.
+        self.no_compile = "--quick" if quick else (None if compile else "--no-compile")
         self.sizes = GPU_SIZES if self.cuda else CPU_SIZES
         self.results: list[Result] = []
         self.fast = FAST_BACKENDS[device.type]
@@ -175,7 +177,7 @@ class Checker:
 
         took = round(time.perf_counter() - self.began, 1)
         write_json(path, {"ddfast": __version__, "device": str(self.device), "quick": self.quick,
-                          "seconds": took, "counts": self.counts(),
+                          "compile": not self.no_compile, "seconds": took, "counts": self.counts(),
                           "results": [asdict(r) for r in self.results]})
 
     @property
@@ -344,8 +346,9 @@ class Checker:
 
         self.item("speed", f"finetune step reference B{batch}", lambda: step("reference"))
         self.item("speed", f"finetune step eager B{batch}", lambda: step("eager"))
-        if self.quick:
-            self.item("speed", f"finetune step compiled B{batch}", lambda: _skip("--quick"))
+        if self.no_compile:
+            self.item("speed", f"finetune step compiled B{batch}",
+                      lambda: _skip(self.no_compile))
         else:
             self.item("speed", f"finetune step compiled B{batch}", lambda: step("compiled"),
                       hint="set run.compile=false (the default) to train eagerly; report the "
@@ -367,8 +370,9 @@ class Checker:
 
         self.item("speed", "sample reference 1 image", lambda: sampling("reference"))
         self.item("speed", f"sample eager {images} images", lambda: sampling("eager"))
-        if self.quick:
-            self.item("speed", f"sample compiled {images} images", lambda: _skip("--quick"))
+        if self.no_compile:
+            self.item("speed", f"sample compiled {images} images",
+                      lambda: _skip(self.no_compile))
         else:
             self.item("speed", f"sample compiled {images} images", lambda: sampling("compiled"),
                       hint="set run.compile=false to sample eagerly")
@@ -435,7 +439,7 @@ class Checker:
                     "--run.progress", "off", "--run.device", str(self.device),
                     # compiled step and CUDA-graph sampling on a GPU; on a CPU the speed
                     # section has already compiled both, and recompiling costs a minute
-                    "--run.compile", "true" if self.cuda and not self.quick else "false"]
+                    "--run.compile", "true" if self.cuda and not self.no_compile else "false"]
             port = _free_port()
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
                    "--nproc_per_node=1", "--rdzv-backend=c10d",
@@ -555,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--quick", action="store_true",
                    help="the smallest memory size only, and no torch.compile")
+    p.add_argument("--no-compile", action="store_true",
+                   help="every memory size, but no torch.compile: the compiled step and sampler "
+                        "skip (the GPU benchmarks time them) and the end-to-end job runs eagerly")
     p.add_argument("--json", help="write every result to this file")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -578,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    checker = Checker(device, args.quick, json_path=Path(args.json) if args.json else None)
+    checker = Checker(device, args.quick, json_path=Path(args.json) if args.json else None,
+                      compile=not args.no_compile)
     results = checker.run(sections)
     print()
     print(table(results))

@@ -36,6 +36,23 @@ def test_quick_cpu_check_passes_every_section(tmp_path, capsys):
     assert "| section | check | status |" in shown and "0 failed" in shown
 
 
+def test_no_compile_keeps_every_memory_size_and_skips_only_the_compiled_paths(tmp_path):
+    out = tmp_path / "check.json"
+    assert check.main(["--device", "cpu", "--no-compile", "--sections", "parity,speed",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["quick"] is False and report["compile"] is False
+    names = {r["name"]: r for r in report["results"]}
+    for slots in check.CPU_SIZES.slots:  # --quick would keep the first only
+        assert names[f"class_extremes cpp N{slots} D256 float32"]["status"] == "pass"
+        assert names[f"insert_memory cpp N{slots} adaptive"]["detail"] == "exact"
+    compiled = [r for r in report["results"] if "compiled" in r["name"]]
+    assert len(compiled) == 2
+    assert all(r["status"] == "skip" and r["detail"] == "--no-compile" for r in compiled)
+    assert names["finetune step eager B8"]["status"] == "pass"
+    assert names["sample eager 8 images"]["values"]["ms"] > 0
+
+
 def test_failure_is_reported_with_a_hint(monkeypatch, capsys):
     monkeypatch.setattr(_ext, "available", lambda: False)
     monkeypatch.setattr(_ext, "has_cuda", lambda: False)
