@@ -3,6 +3,9 @@ device's measured copy bandwidth, and the speed-up over the reference measured i
 
     pytest bench --benchmark-only --benchmark-json=bench-ops.json
     python bench/summarize.py bench-ops.json > bench-ops.md
+    python bench/summarize.py bench-train.json bench-ops.json > bench.md   # one table of both
+
+Several files from one machine merge into one table (machine facts from the first that has them).
 """
 
 from __future__ import annotations
@@ -73,14 +76,25 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(reports: list[dict]) -> dict:
+    """One report of several runs' benchmarks, with the first non-empty machine_info."""
+    machine = next((r["machine_info"] for r in reports if r.get("machine_info")), {})
+    return {"machine_info": machine,
+            "benchmarks": [b for r in reports for b in r.get("benchmarks", [])]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", help="the file written by pytest --benchmark-json")
+    parser.add_argument("json", nargs="+",
+                        help="files written by pytest --benchmark-json, from one machine")
     args = parser.parse_args(argv)
-    with open(args.json) as f:
-        report = json.load(f)
-    if not report.get("benchmarks"):
-        print(f"{args.json} holds no benchmarks", file=sys.stderr)
+    reports = []
+    for path in args.json:
+        with open(path) as f:
+            reports.append(json.load(f))
+    report = merge(reports)
+    if not report["benchmarks"]:
+        print(f"{', '.join(args.json)} hold(s) no benchmarks", file=sys.stderr)
         return 1
     sys.stdout.write(markdown(report))
     return 0

@@ -52,3 +52,16 @@ def test_empty_report_is_an_error(tmp_path, capsys):
     path.write_text('{"benchmarks": []}')
     assert summarize.main([str(path)]) == 1
     assert "no benchmarks" in capsys.readouterr().err
+
+
+def test_several_files_merge_into_one_table(tmp_path, capsys):
+    import json
+
+    ops = {"machine_info": REPORT["machine_info"], "benchmarks": REPORT["benchmarks"][:3]}
+    train = {"machine_info": {}, "benchmarks": REPORT["benchmarks"][3:]}
+    paths = []
+    for name, report in (("train.json", train), ("ops.json", ops)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(report))
+    assert summarize.main([str(p) for p in paths]) == 0
+    assert capsys.readouterr().out == summarize.markdown(REPORT)
