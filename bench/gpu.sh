@@ -5,20 +5,24 @@
 #   DDFAST_GPU_DRY_RUN=1 bash bench/gpu.sh /tmp/gpu-dry   # anywhere: the CUDA parts skip
 #
 # Steps, most valuable first; each gets what is left of the budget (DDFAST_GPU_BUDGET seconds,
-# default 450) and a failed or timed-out step never stops the next:
+# default 450; give the call about 30 s more) and a failed or timed-out step never stops the next:
 #   1. install the wheels under ${DDFAST_WHEELS:-.whl} (packages the machine lacks: see
 #      bench/gpu-wheels.txt) into a private folder on PYTHONPATH;
 #   2. build and install ddfast for sm_90 (CMAKE_CUDA_ARCHITECTURES, default 90), CUDA kernels
 #      required;
-#   3. python -m ddfast.check --quick: environment, parity at D 4096 (N 64), eager speed, and
-#      the end-to-end job under torchrun;
-#   4. pytest tests/test_ops_gpu.py tests/test_train_gpu.py;
-#   5. python -m ddfast.check --sections parity,speed,end-to-end: N 4096 parity, the compiled
-#      step and CUDA graphs in sampling;
-#   6. pytest bench --benchmark-only, then bench/summarize.py.
+#   3. pytest tests/test_ops_gpu.py tests/test_train_gpu.py;
+#   4. python -m ddfast.check --no-compile: environment, parity at D 4096 (N 64 and 4096), eager
+#      speed, and the end-to-end job under torchrun;
+#   5. pytest bench/bench_train.py --benchmark-only at batch 64 (the compiled step, CUDA graphs in
+#      sampling, each beside the reference path);
+#   6. pytest bench/bench_ops.py bench/bench_eval.py --benchmark-only, then bench/summarize.py
+#      over both benchmark files.
+# The compiled paths are timed once, by the benchmarks (an H200 spends about 90 s compiling the
+# step, so the self-check does not compile it again). Each pytest step lists its 25 slowest
+# phases, set-up included, so the next budget can be drawn from measurements.
 # Everything lands in OUT_DIR (7 files, none nested): gpu.log (every step's output),
-# steps.json (exit status and seconds of each step), check-quick.json, check-full.json,
-# tests.xml, bench.json and bench.md. Exit status: 0 when every step passed.
+# steps.json (exit status and seconds of each step), check.json, tests.xml, bench-train.json,
+# bench-ops.json and bench.md. Exit status: 0 when every step passed.
 set -uo pipefail
 
 out=${1:-${OUT:-}}
@@ -86,22 +90,33 @@ fi
 step build 240 "$py" -m pip install -q --no-deps --no-build-isolation --no-cache-dir \
   -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$archs" -C cmake.define.DDFAST_CUDA=ON "$repo"
 
-# 3. The quick self-check: every section, no compiler.
-step check-quick 200 "$py" -m ddfast.check --device "$device" --quick --json "$out/check-quick.json"
+# 3. The GPU tests (they skip without a CUDA device).
+step tests 150 "$py" -m pytest -q -p no:cacheprovider --durations=25 --rootdir "$repo" \
+  -c "$repo/pyproject.toml" --junitxml "$out/tests.xml" "$repo/tests/test_ops_gpu.py" \
+  "$repo/tests/test_train_gpu.py"
 
-# 4. The GPU tests (they skip without a CUDA device).
-step tests 150 "$py" -m pytest -q -p no:cacheprovider --rootdir "$repo" -c "$repo/pyproject.toml" \
-  --junitxml "$out/tests.xml" "$repo/tests/test_ops_gpu.py" "$repo/tests/test_train_gpu.py"
+# 4. The self-check at full memory sizes, eagerly.
+step check 150 "$py" -m ddfast.check --device "$device" --no-compile --json "$out/check.json"
 
-# 5. The compiled paths and the large memory.
-step check-full 240 "$py" -m ddfast.check --device "$device" --sections parity,speed,end-to-end \
-  --json "$out/check-full.json"
+# 5. The job's speed: the compiled fine-tuning step at batch 64 and compiled sampling.
+bench() {  # bench NAME CAP JSON FILES... [PYTEST ARGS...]
+  local name=$1 cap=$2 json=$3
+  shift 3
+  step "$name" "$cap" "$py" -m pytest -q -p no:cacheprovider --durations=25 --rootdir "$repo" \
+    -c "$repo/pyproject.toml" --benchmark-only --benchmark-json "$json" "$@"
+}
+bench bench-train 200 "$out/bench-train.json" "$repo/bench/bench_train.py" \
+  --deselect "bench/bench_train.py::test_finetune_ddfast[8]" \
+  --deselect "bench/bench_train.py::test_finetune_ref[8]"
 
-# 6. The benchmarks and their table.
-step bench 240 "$py" -m pytest -q -p no:cacheprovider --rootdir "$repo" -c "$repo/pyproject.toml" \
-  "$repo/bench" --benchmark-only --benchmark-json "$out/bench.json"
-if [ -s "$out/bench.json" ]; then
-  step summarize 30 sh -c "'$py' '$repo/bench/summarize.py' '$out/bench.json' >'$out/bench.md'"
+# 6. The fused operations and the evaluation, then one table of both benchmark files.
+bench bench-ops 200 "$out/bench-ops.json" "$repo/bench/bench_ops.py" "$repo/bench/bench_eval.py"
+tables=()
+for f in "$out/bench-train.json" "$out/bench-ops.json"; do
+  [ -s "$f" ] && tables+=("$f")
+done
+if [ "${#tables[@]}" -gt 0 ]; then
+  step summarize 30 sh -c "'$py' '$repo/bench/summarize.py' $(printf "'%s' " "${tables[@]}")>'$out/bench.md'"
 fi
 
 echo "" >>"$out/steps.json"
