@@ -139,7 +139,16 @@ SCALES = {
                          "pretrain.steps": "7000"},
                 "micro-p2": {"model.dit": "micro", "model.patch_size": "2",
                              "run.precision": "bf16", "pretrain.batch_size": "64",
-                             "pretrain.lr": "1e-3", "pretrain.steps": "4500"}},
+                             "pretrain.lr": "1e-3", "pretrain.steps": "4500"},
+                # A GPU's minutes (bench/gpu-generators.sh), each several times the images
+                # the study's generator saw: the mini width on 3.1 M images, and DiT-S's depth
+                # and width (12 x 384) with 4x4 patches on 2 M.
+                "mini-gpu": {"model.dit": "mini", "model.patch_size": "4",
+                             "run.precision": "bf16", "pretrain.batch_size": "512",
+                             "pretrain.lr": "1e-3", "pretrain.steps": "6000"},
+                "s-gpu": {"model.dit": "S/2", "model.patch_size": "4", "run.precision": "bf16",
+                          "pretrain.batch_size": "512", "pretrain.lr": "5e-4",
+                          "pretrain.steps": "4000"}},
             base={"model.dit": "micro", "model.patch_size": "4", "pretrain.steps": "8000",
                   "pretrain.lr": "2e-3", "pretrain.batch_size": "128", "pretrain.warmup": "500",
                   "pretrain.ema_decay": "0.999", "optim.steps": "300",
@@ -206,7 +215,8 @@ def method_overrides(method: str) -> dict:
 
 class Study:
     def __init__(self, dataset: str, scale: str, out: Path, device: str = "auto",
-                 root: str | None = None, progress: bool = False, repeats: int = 0):
+                 root: str | None = None, progress: bool = False, repeats: int = 0,
+                 compile: bool = False):
         if dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {dataset!r}: pass one of {', '.join(DATASETS)}")
         if dataset not in SCALES.get(scale, {}):
@@ -230,6 +240,9 @@ class Study:
             self.base["data.root"] = root
         if device != "auto":
             self.base["run.device"] = device
+        self.compile = compile
+        if compile:  # like the device, not a setting that decides results (Config.digest)
+            self.base["run.compile"] = "true"
         self.base["run.progress"] = "on" if progress else "off"
         self._data = self._real = self._full = self._test_f = self._val = None
         self._pool = None
@@ -573,7 +586,7 @@ class Study:
             known = ", ".join(self.scale.generators) or "none at this scale"
             raise ConfigError(f"unknown generator {name!r}: this scale's candidates are {known}")
         sub = Study(self.dataset, self.scale_name, self.out / "generators" / name, self.device,
-                    self.root, self.progress)
+                    self.root, self.progress, compile=self.compile)
         point = self.sampling_point()
         sub.scale = replace(self.scale, sampling_grid=(point,) if point else (),
                             exact_guidance=(), generators={})
@@ -769,10 +782,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true",
                    help="only rebuild results.json, results.md and the plots from the cells")
     p.add_argument("--progress", action="store_true", help="progress bars for every stage")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every run's step (and CUDA graphs in sampling on a GPU): "
+                        "faster on a GPU, the same settings for resuming")
     args = p.parse_args(argv)
     try:
         study = Study(args.dataset, args.scale, Path(args.out), args.device, args.root,
-                      args.progress, args.repeats)
+                      args.progress, args.repeats, args.compile)
         methods = tuple(m for m in args.methods.split(",") if m)
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Candidate generators of the Fashion-MNIST study, trained from scratch and judged on a GPU in
+# one call, their cells brought back to be committed.
+#
+#   bash bench/gpu-generators.sh OUT_DIR                 # on a CUDA machine, from the checkout's root
+#   NAMES=s-gpu bash bench/gpu-generators.sh OUT_DIR     # one candidate
+#
+# Each candidate (the study scale's `generators` table, default mini-gpu then s-gpu) runs as
+#   python -m ddfast.study --dataset fashion-mnist --scale cpu --out results/fashion-mnist \
+#       --generators NAME --compile
+# from the source tree (no build: training from scratch, sampling and the evaluation use no fused
+# op): training, samples at the study's chosen setting against the held-out images, the IPC-10
+# set (seed 0) and its DC/DSA evaluation, with the committed full-data classifier. A candidate
+# that runs out of the budget (DDFAST_GPU_BUDGET seconds, default 420) is killed; its
+# pretraining checkpoints stay on the machine, so the same command on a still-held machine
+# resumes it.
+#
+# Needs: the wheels of bench/gpu-wheels.txt in ${DDFAST_WHEELS:-.whl}, and Fashion-MNIST's four
+# IDX files in ${DDFAST_FMNIST:-.fmnist} (copy them from the Debian package dataset-fashion-mnist
+# and list the folder in .git/info/exclude; carry both folders).
+#
+# OUT_DIR receives generators.tar (every file the runs wrote or changed under the study's folder
+# except weights and checkpoints, to unpack in the checkout's root), generators.log and
+# steps.json. Unpack, then `python -m ddfast.study ... --report` rebuilds the tables here.
+# Other studies: DATASET, SCALE and STUDY_OUT override fashion-mnist, cpu and
+# results/fashion-mnist (the tests run the smoke scale on digits, on the CPU).
+set -uo pipefail
+
+out=${1:-${OUT:-}}
+if [ -z "$out" ]; then
+  echo "usage: bash bench/gpu-generators.sh OUT_DIR" >&2
+  exit 2
+fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+repo=$(cd "$(dirname "$0")/.." && pwd)
+budget=${DDFAST_GPU_BUDGET:-420}
+dataset=${DATASET:-fashion-mnist}
+scale=${SCALE:-cpu}
+study=${STUDY_OUT:-results/fashion-mnist}
+names=${NAMES:-mini-gpu,s-gpu}
+wheels=${DDFAST_WHEELS:-$repo/.whl}
+data=${DDFAST_FMNIST:-$repo/.fmnist}
+py=${PYTHON:-python3}
+started=$(date +%s)
+: >"$out/generators.log"
+echo "[" >"$out/steps.json"
+first=1
+failed=0
+
+log() { echo "[gpu-generators $(date -u +%H:%M:%S)] $*" | tee -a "$out/generators.log"; }
+
+step() {  # step NAME COMMAND...: within the budget left, never stopping the next step
+  local name=$1
+  shift
+  local left=$((budget - ($(date +%s) - started)))
+  local rc t0
+  t0=$(date +%s)
+  if [ "$left" -le 5 ]; then
+    log "$name: skipped, the budget is spent"
+    rc=124
+  else
+    log "$name: start (limit ${left} s)"
+    (cd "$repo" && PYTHONUNBUFFERED=1 timeout --kill-after=10 "$left" "$@") \
+      >>"$out/generators.log" 2>&1
+    rc=$?
+    log "$name: exit $rc after $(($(date +%s) - t0)) s"
+  fi
+  [ "$rc" -ne 0 ] && failed=1
+  [ "$first" = 1 ] || echo "," >>"$out/steps.json"
+  first=0
+  printf '  {"step": "%s", "exit": %d, "seconds": %d}' "$name" "$rc" \
+    "$(($(date +%s) - t0))" >>"$out/steps.json"
+}
+
+log "candidate generators $names of $dataset/$scale into $study: $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown), budget ${budget} s"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+  >>"$out/generators.log" 2>&1 || true
+
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  site=/tmp/ddfast-site
+  step wheels "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$site" "$wheels"/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+root=()
+if [ "$dataset" = fashion-mnist ]; then
+  if ! compgen -G "$data/*-idx*" >/dev/null; then
+    log "no Fashion-MNIST IDX files in $data: copy them there (see this script's header)"
+    exit 2
+  fi
+  root=(--root "$data")
+fi
+
+stamp=$(mktemp)
+sleep 1  # file times have a resolution of a second on some file systems
+IFS=',' read -ra list <<<"$names"
+for name in "${list[@]}"; do
+  compile=(--compile)
+  [ "${DDFAST_GEN_COMPILE:-1}" = 0 ] && compile=()
+  step "$name" "$py" -m ddfast.study --dataset "$dataset" --scale "$scale" --out "$study" \
+    "${root[@]}" --generators "$name" "${compile[@]}"
+done
+
+# What the runs wrote, without weights, checkpoints or caches: the files to commit.
+(cd "$repo" && find "$study" -type f -newer "$stamp" \
+  ! -name '*.safetensors' ! -name '*.pt' ! -name '*.pth' ! -name '*.bin' ! -name '*.npz' \
+  ! -path '*/checkpoint*' ! -path '*/cache/*' | sort) >"$out/files.txt"
+(cd "$repo" && tar -cf "$out/generators.tar" -T "$out/files.txt")
+log "packed $(wc -l <"$out/files.txt") files into generators.tar ($(du -h "$out/generators.tar" | cut -f1))"
+cat "$out/files.txt" >>"$out/generators.log"
+rm -f "$stamp" "$out/files.txt"
+
+echo "" >>"$out/steps.json"
+echo "]" >>"$out/steps.json"
+log "done in $(($(date +%s) - started)) s; $([ "$failed" = 0 ] && echo 'every step passed' || echo 'some step failed: see steps.json and generators.log')"
+exit "$failed"
