@@ -43,46 +43,16 @@ wheels=${DDFAST_WHEELS:-$repo/.whl}
 data=${DDFAST_FMNIST:-$repo/.fmnist}
 py=${PYTHON:-python3}
 started=$(date +%s)
-: >"$out/generators.log"
-echo "[" >"$out/steps.json"
-first=1
-failed=0
-
-log() { echo "[gpu-generators $(date -u +%H:%M:%S)] $*" | tee -a "$out/generators.log"; }
-
-step() {  # step NAME COMMAND...: within the budget left, never stopping the next step
-  local name=$1
-  shift
-  local left=$((budget - ($(date +%s) - started)))
-  local rc t0
-  t0=$(date +%s)
-  if [ "$left" -le 5 ]; then
-    log "$name: skipped, the budget is spent"
-    rc=124
-  else
-    log "$name: start (limit ${left} s)"
-    (cd "$repo" && PYTHONUNBUFFERED=1 timeout --kill-after=10 "$left" "$@") \
-      >>"$out/generators.log" 2>&1
-    rc=$?
-    log "$name: exit $rc after $(($(date +%s) - t0)) s"
-  fi
-  [ "$rc" -ne 0 ] && failed=1
-  [ "$first" = 1 ] || echo "," >>"$out/steps.json"
-  first=0
-  printf '  {"step": "%s", "exit": %d, "seconds": %d}' "$name" "$rc" \
-    "$(($(date +%s) - t0))" >>"$out/steps.json"
-}
+logfile=$out/generators.log
+tag=gpu-generators
+# shellcheck source=bench/gpu-common.sh
+. "$repo/bench/gpu-common.sh"
 
 log "candidate generators $names of $dataset/$scale into $study: $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown), budget ${budget} s"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
-  >>"$out/generators.log" 2>&1 || true
+  >>"$logfile" 2>&1 || true
 
-if compgen -G "$wheels/*.whl" >/dev/null; then
-  site=/tmp/ddfast-site
-  step wheels "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target "$site" "$wheels"/*.whl
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+install_wheels
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 root=()
@@ -100,8 +70,8 @@ IFS=',' read -ra list <<<"$names"
 for name in "${list[@]}"; do
   compile=(--compile)
   [ "${DDFAST_GEN_COMPILE:-1}" = 0 ] && compile=()
-  step "$name" "$py" -m ddfast.study --dataset "$dataset" --scale "$scale" --out "$study" \
-    "${root[@]}" --generators "$name" "${compile[@]}"
+  step "$name" "$budget" "$repo" "$py" -m ddfast.study --dataset "$dataset" --scale "$scale" \
+    --out "$study" "${root[@]}" --generators "$name" "${compile[@]}"
 done
 
 # What the runs wrote, without weights, checkpoints or caches: the files to commit.
@@ -110,10 +80,7 @@ done
   ! -path '*/checkpoint*' ! -path '*/cache/*' | sort) >"$out/files.txt"
 (cd "$repo" && tar -cf "$out/generators.tar" -T "$out/files.txt")
 log "packed $(wc -l <"$out/files.txt") files into generators.tar ($(du -h "$out/generators.tar" | cut -f1))"
-cat "$out/files.txt" >>"$out/generators.log"
+cat "$out/files.txt" >>"$logfile"
 rm -f "$stamp" "$out/files.txt"
 
-echo "" >>"$out/steps.json"
-echo "]" >>"$out/steps.json"
-log "done in $(($(date +%s) - started)) s; $([ "$failed" = 0 ] && echo 'every step passed' || echo 'some step failed: see steps.json and generators.log')"
-exit "$failed"
+finish

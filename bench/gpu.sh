@@ -43,66 +43,36 @@ device=cuda
 if [ "$dry" = 1 ]; then
   device=cpu
 fi
-: >"$out/gpu.log"
-echo "[" >"$out/steps.json"
-first=1
-failed=0
+logfile=$out/gpu.log
+tag=gpu.sh
+# shellcheck source=bench/gpu-common.sh
+. "$repo/bench/gpu-common.sh"
 
-log() { echo "[gpu.sh $(date -u +%H:%M:%S)] $*" | tee -a "$out/gpu.log"; }
-
-# step NAME CAP_SECONDS COMMAND...: run in /tmp (so the source tree's ddfast, which has no
-# compiled module, never shadows the installed one), with min(CAP, budget left) seconds.
-step() {
-  local name=$1 cap=$2
-  shift 2
-  local left=$((budget - ($(date +%s) - started)))
-  local limit=$((cap < left ? cap : left))
-  local rc t0
-  t0=$(date +%s)
-  if [ "$limit" -le 5 ]; then
-    log "$name: skipped, the budget is spent"
-    rc=124
-  else
-    log "$name: start (limit ${limit} s)"
-    (cd /tmp && PYTHONUNBUFFERED=1 timeout --kill-after=10 "$limit" "$@") >>"$out/gpu.log" 2>&1
-    rc=$?
-    log "$name: exit $rc after $(($(date +%s) - t0)) s"
-  fi
-  [ "$rc" -ne 0 ] && failed=1
-  [ "$first" = 1 ] || echo "," >>"$out/steps.json"
-  first=0
-  printf '  {"step": "%s", "exit": %d, "seconds": %d, "limit": %d}' "$name" "$rc" \
-    "$(($(date +%s) - t0))" "$limit" >>"$out/steps.json"
-}
-
+# Steps run in /tmp, so that the source tree's ddfast, which has no compiled module, never
+# shadows the installed one.
 log "ddfast GPU verification: $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown), budget ${budget} s, device $device, archs $archs"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$out/gpu.log" 2>&1 || true
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$logfile" 2>&1 || true
 
 # 1. Wheels the machine lacks.
-if compgen -G "$wheels/*.whl" >/dev/null; then
-  site=/tmp/ddfast-site
-  step wheels 120 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target "$site" "$wheels"/*.whl
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+install_wheels
 
 # 2. Build for this GPU, CUDA kernels required (a build without them fails here, not later).
-step build 240 "$py" -m pip install -q --no-deps --no-build-isolation --no-cache-dir \
+step build 240 /tmp "$py" -m pip install -q --no-deps --no-build-isolation --no-cache-dir \
   -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$archs" -C cmake.define.DDFAST_CUDA=ON "$repo"
 
 # 3. The GPU tests (they skip without a CUDA device).
-step tests 150 "$py" -m pytest -q -p no:cacheprovider --durations=25 --rootdir "$repo" \
+step tests 150 /tmp "$py" -m pytest -q -p no:cacheprovider --durations=25 --rootdir "$repo" \
   -c "$repo/pyproject.toml" --junitxml "$out/tests.xml" "$repo/tests/test_ops_gpu.py" \
   "$repo/tests/test_train_gpu.py"
 
 # 4. The self-check at full memory sizes, eagerly.
-step check 150 "$py" -m ddfast.check --device "$device" --no-compile --json "$out/check.json"
+step check 150 /tmp "$py" -m ddfast.check --device "$device" --no-compile --json "$out/check.json"
 
 # 5. The job's speed: the compiled fine-tuning step at batch 64 and compiled sampling.
 bench() {  # bench NAME CAP JSON FILES... [PYTEST ARGS...]
   local name=$1 cap=$2 json=$3
   shift 3
-  step "$name" "$cap" "$py" -m pytest -q -p no:cacheprovider --durations=25 --rootdir "$repo" \
+  step "$name" "$cap" /tmp "$py" -m pytest -q -p no:cacheprovider --durations=25 --rootdir "$repo" \
     -c "$repo/pyproject.toml" --benchmark-only --benchmark-json "$json" "$@"
 }
 bench bench-train 200 "$out/bench-train.json" "$repo/bench/bench_train.py" \
@@ -116,10 +86,7 @@ for f in "$out/bench-train.json" "$out/bench-ops.json"; do
   [ -s "$f" ] && tables+=("$f")
 done
 if [ "${#tables[@]}" -gt 0 ]; then
-  step summarize 30 sh -c "'$py' '$repo/bench/summarize.py' $(printf "'%s' " "${tables[@]}")>'$out/bench.md'"
+  step summarize 30 /tmp sh -c "'$py' '$repo/bench/summarize.py' $(printf "'%s' " "${tables[@]}")>'$out/bench.md'"
 fi
 
-echo "" >>"$out/steps.json"
-echo "]" >>"$out/steps.json"
-log "done in $(($(date +%s) - started)) s; $([ "$failed" = 0 ] && echo 'every step passed' || echo 'some step failed: see steps.json and gpu.log')"
-exit "$failed"
+finish

@@ -1,0 +1,56 @@
+# Shared by bench/gpu.sh and bench/gpu-generators.sh (sourced, not run): a log, steps that each
+# get what is left of a time budget and never stop the next, and the wheels a GPU image lacks.
+#
+# The sourcing script sets: out (folder), logfile (under it), tag (log prefix), budget
+# (seconds), started (date +%s), wheels (folder), py (interpreter). steps.json lands in $out.
+
+echo "[" >"$out/steps.json"
+: >"$logfile"
+first=1
+failed=0
+
+log() { echo "[$tag $(date -u +%H:%M:%S)] $*" | tee -a "$logfile"; }
+
+# step NAME CAP_SECONDS DIR COMMAND...: run COMMAND in DIR with min(CAP, budget left) seconds,
+# its output appended to the log; its exit status and time go to steps.json.
+step() {
+  local name=$1 cap=$2 dir=$3
+  shift 3
+  local left=$((budget - ($(date +%s) - started)))
+  local limit=$((cap < left ? cap : left))
+  local rc t0
+  t0=$(date +%s)
+  if [ "$limit" -le 5 ]; then
+    log "$name: skipped, the budget is spent"
+    rc=124
+  else
+    log "$name: start (limit ${limit} s)"
+    (cd "$dir" && PYTHONUNBUFFERED=1 timeout --kill-after=10 "$limit" "$@") >>"$logfile" 2>&1
+    rc=$?
+    log "$name: exit $rc after $(($(date +%s) - t0)) s"
+  fi
+  [ "$rc" -ne 0 ] && failed=1
+  [ "$first" = 1 ] || echo "," >>"$out/steps.json"
+  first=0
+  printf '  {"step": "%s", "exit": %d, "seconds": %d, "limit": %d}' "$name" "$rc" \
+    "$(($(date +%s) - t0))" "$limit" >>"$out/steps.json"
+}
+
+# The wheels under $wheels, when there are any, into a private folder put on PYTHONPATH.
+install_wheels() {
+  if compgen -G "$wheels/*.whl" >/dev/null; then
+    local site=/tmp/ddfast-site
+    step wheels 120 /tmp "$py" -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+}
+
+# Close steps.json, log the verdict and return the exit status: 0 when every step passed.
+finish() {
+  echo "" >>"$out/steps.json"
+  echo "]" >>"$out/steps.json"
+  log "done in $(($(date +%s) - started)) s; $([ "$failed" = 0 ] && echo 'every step passed' \
+    || echo "some step failed: see steps.json and $(basename "$logfile")")"
+  return "$failed"
+}
