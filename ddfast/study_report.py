@@ -248,8 +248,10 @@ def generators(study) -> list[dict]:
             m, pre, precision = cfg["model"], cfg["pretrain"], cfg["run"]["precision"]
             if precision == "auto" and summary is not None:  # as ddfast.train resolves it
                 precision = "bf16" if summary.get("device", "cpu").startswith("cuda") else "fp32"
-            dit = build_dit(m["dit"], in_channels=train.channels, sample_size=train.resolution,
-                            num_classes=len(train.class_names), patch_size=m["patch_size"] or None)
+            with torch.device("meta"):  # sizes only: no memory, no initialisation
+                dit = build_dit(m["dit"], in_channels=train.channels,
+                                sample_size=train.resolution, num_classes=len(train.class_names),
+                                patch_size=m["patch_size"] or None)
             row["settings"] = {"dit": m["dit"], "patch": dit.config.patch_size,
                                "steps": pre["steps"], "batch": pre["batch_size"],
                                "lr": pre["lr"], "precision": precision}
