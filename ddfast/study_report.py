@@ -258,6 +258,7 @@ def generators(study) -> list[dict]:
             row["parameters"] = sum(t.numel() for t in dit.parameters())
         if summary is not None:
             row["pretrain_s"] = summary["timings_s"].get("pretrain")
+            row["device"] = summary.get("device")  # the minutes are this device's
         sw = _json(work / "sampling.json")
         if sw is not None:
             point = next(p for p in sw["points"] if p["settings"] == sw["chosen"])
@@ -286,7 +287,8 @@ def generator_lines(res: dict) -> list[str]:
         st = g.get("settings")
         what = ("not run" if st is None else
                 f"{st['dit']}, {st['patch']}x{st['patch']} patches, {st['steps']} steps of "
-                f"{st['batch']}, lr {st['lr']:g}, {st['precision']}")
+                f"{st['batch']}, lr {st['lr']:g}, {st['precision']}"
+                + (f", on {g['device'].split(':')[0]}" if g.get("device") else ""))
         params = "-" if g["parameters"] is None else f"{g['parameters'] / 1e6:.2f} M"
         mins = "-" if g["pretrain_s"] is None else f"{g['pretrain_s'] / 60:.0f}"
         v = g["val"]
