@@ -94,6 +94,7 @@ class SampleConfig:
     sampler: str = "ddpm"  # ddpm (ancestral, learned variance) | ddim
     guidance_scale: float = 4.0  # classifier-free guidance scale; 1 = none
     guidance_channels: str = "first3"  # first3 (original DiT) | all (diffusers)
+    guidance_interval: tuple[int, ...] = ()  # lo,hi timesteps guided (else conditional); ()=all
     batch_size: int = 64  # images per sampling forward
     seed: int = 0  # base of the per-image seeds (seed, class, index)
 
@@ -174,7 +175,8 @@ class Config:
 
 # Settings added after runs were first written, with the value that reproduces the old behaviour:
 # left out of the digest at that value, so an older run folder still resumes and matches.
-LATER_KEYS = {"data.holdout": 0, "memory.refresh_every": 0, "pretrain.decay": "constant"}
+LATER_KEYS = {"data.holdout": 0, "memory.refresh_every": 0, "pretrain.decay": "constant",
+              "sample.guidance_interval": ()}
 # Settings that do not change results: outside the digest, and free to change on --resume
 # (eval.baseline adds the random-real row beside the method's; the method's figures stay).
 NON_RESULT_KEYS = ("run.out", "run.device", "run.progress", "run.log_every", "run.ckpt_every",
@@ -392,6 +394,11 @@ def validate(cfg: Config) -> None:
     if cfg.sample.guidance_scale < 1.0:
         raise ConfigError(f"sample.guidance_scale must be >= 1 (1 = no guidance), got "
                           f"{cfg.sample.guidance_scale}")
+    gi = cfg.sample.guidance_interval
+    if gi and (len(gi) != 2 or not 0 <= gi[0] <= gi[1]):
+        raise ConfigError(f"sample.guidance_interval must be two timesteps lo,hi with "
+                          f"0 <= lo <= hi (e.g. 80,580), or empty for every step; got "
+                          f"{','.join(map(str, gi))}")
 
 
 # Short flags for the settings a user reaches for most; every other setting is --section.field.

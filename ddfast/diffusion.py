@@ -285,7 +285,8 @@ def sample(model_fn: ModelFn | torch.nn.Module, labels: Tensor, *, latent_shape:
            steps: int = 50, timesteps: Sequence[int] | None = None, sampler: str = "ddpm",
            guidance_scale: float = 4.0, guidance_channels: str = "first3", eta: float = 0.0,
            diffusion: Diffusion | None = None, device: torch.device | str | None = None,
-           autocast_dtype: torch.dtype | None = None) -> Tensor:
+           autocast_dtype: torch.dtype | None = None,
+           guidance_interval: Sequence[int] | None = None) -> Tensor:
     """Sample latents conditioned on ``labels`` (B,); returns (B, C, H, W) fp32 on ``device``.
 
     model_fn(x, t, y) -> (B, 2C, H, W), or a DiTTransformer2DModel (wrapped by dit_model_fn); it
@@ -297,6 +298,9 @@ def sample(model_fn: ModelFn | torch.nn.Module, labels: Tensor, *, latent_shape:
     timesteps: original timesteps to visit (any order), e.g. a diffusers scheduler's; default
     ``respaced_timesteps(T, steps)``. sampler: "ddpm" (ancestral, learned variance, no noise at
     the last step) or "ddim" (eps only; eta 0 is deterministic). guidance: see guided_output.
+    guidance_interval: (lo, hi) original timesteps, inclusive: guidance only at the steps whose
+    timestep lies inside, one conditional forward elsewhere (Kynkaanniemi et al. 2024, "Applying
+    guidance in a limited interval"); None or empty: every step.
     autocast_dtype: e.g. torch.bfloat16 for the model forward; the updates stay fp32.
     """
     if sampler not in SAMPLERS:
@@ -324,12 +328,17 @@ def sample(model_fn: ModelFn | torch.nn.Module, labels: Tensor, *, latent_shape:
     x = (_draw(gens, shape, dev) if noise is None
          else noise.to(device=dev, dtype=torch.float32))  # (B, C, H, W)
     labels = labels.to(dev)
+    if guidance_interval:
+        lo, hi = (int(v) for v in guidance_interval)
     for i in reversed(range(proc.num_steps)):
         t = torch.full((b,), i, dtype=torch.int64, device=dev)  # respaced index
+        scale = guidance_scale  # the original timestep is read from the host-side list
+        if guidance_interval and not lo <= proc.timestep_list[i] <= hi:
+            scale = 1.0
         with (torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None
               else contextlib.nullcontext()):
             out = guided_output(model_fn, x, proc.timestep_map[t], labels, null_label,
-                                guidance_scale, guidance_channels)
+                                scale, guidance_channels)
         out = out.float()  # (B, 2C, H, W)
         step_noise = _draw(gens, shape, dev) if stochastic and i > 0 else None
         if sampler == "ddpm":

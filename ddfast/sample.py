@@ -62,7 +62,8 @@ def write_distilled(out_dir: Path, model, vae, diffusion: Diffusion, classes: li
                     scale: float, steps: int, sampler: str, guidance_scale: float,
                     guidance_channels: str, seed: int, batch_size: int, device: torch.device,
                     precision: str = "fp32", progress: bool = False,
-                    config_digest: str = "", dist: Dist | None = None) -> dict:
+                    config_digest: str = "", dist: Dist | None = None,
+                    guidance_interval: tuple[int, ...] = ()) -> dict:
     """Sample ``ipc`` images per class into ``out_dir/<class folder>/<index>.png``.
 
     Returns the manifest (also written as ``out_dir/manifest.json``). With ``dist`` the batches
@@ -84,7 +85,8 @@ def write_distilled(out_dir: Path, model, vae, diffusion: Diffusion, classes: li
         z = sample(model, labels, seeds=seeds, latent_shape=latent_shape, steps=steps,
                    sampler=sampler, guidance_scale=guidance_scale,
                    guidance_channels=guidance_channels, null_label=null_label,
-                   diffusion=diffusion, device=device, autocast_dtype=autocast_dtype)
+                   diffusion=diffusion, device=device, autocast_dtype=autocast_dtype,
+                   guidance_interval=guidance_interval)
         images = decode(z, vae, scale)  # (B, C, H, W)
         for (c, i), img in zip(chunk, images, strict=True):
             write_png(out_dir / c.folder / f"{i:05d}.png", to_uint8_image(img))
@@ -94,7 +96,9 @@ def write_distilled(out_dir: Path, model, vae, diffusion: Diffusion, classes: li
         "seed": seed,
         "rule": "the IPC-k set is the first k files of each class folder in sorted order",
         "sampler": {"name": sampler, "steps": steps, "guidance_scale": guidance_scale,
-                    "guidance_channels": guidance_channels},
+                    "guidance_channels": guidance_channels,
+                    **({"guidance_interval": list(guidance_interval)}
+                       if guidance_interval else {})},
         "classes": [{"index": c.index, "name": c.name, "cond_label": c.cond_label,
                      "folder": c.folder} for c in classes],
         "images": [{"file": f"{c.folder}/{i:05d}.png", "class": c.index, "index": i,

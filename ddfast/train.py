@@ -355,7 +355,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
                     steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
                     guidance_channels=s.guidance_channels, seed=s.seed, batch_size=s.batch_size,
                     device=device, precision=precision, progress=progress,
-                    config_digest=cfg.digest(), dist=dist)
+                    config_digest=cfg.digest(), dist=dist,
+                    guidance_interval=s.guidance_interval)
     real = {}
     for c in classes:
         idx = (source.labels == c.index).nonzero().flatten()[:10]

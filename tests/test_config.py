@@ -94,7 +94,8 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
 
     cfg = resolve("smoke")
     old = cfg.to_dict()  # as written before the later keys existed
-    for key in NON_RESULT_KEYS + ("data.holdout", "memory.refresh_every", "pretrain.decay"):
+    for key in NON_RESULT_KEYS + ("data.holdout", "memory.refresh_every", "pretrain.decay",
+                                  "sample.guidance_interval"):
         section, name = key.split(".")
         old[section].pop(name)
     want = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
@@ -106,6 +107,11 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
     assert resolve("smoke", {"pretrain.decay": "cosine"}).digest() != want
     with pytest.raises(ConfigError, match="pretrain.decay"):
         resolve("smoke", {"pretrain.decay": "linear"})
+    interval = resolve("smoke", {"sample.guidance_interval": "80,580"})
+    assert interval.sample.guidance_interval == (80, 580) and interval.digest() != want
+    for bad in ("580,80", "80", "-1,5", "1,2,3"):
+        with pytest.raises(ConfigError, match="guidance_interval must be two timesteps"):
+            resolve("smoke", {"sample.guidance_interval": bad})
 
 
 def test_json_round_trip_and_digest():

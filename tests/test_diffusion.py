@@ -209,6 +209,28 @@ def test_sampler_calls_one_batched_forward_per_step(sampler):
     assert calls == [3] * 7
 
 
+def test_guidance_interval_guides_only_inside_it():
+    seen = []
+
+    def model(x, t, y):  # records (batch, original timestep) of every forward
+        seen.append((x.shape[0], int(t[0])))
+        return _elementwise(x, t, y)
+
+    labels = torch.tensor([0, 1, 2])
+    kw = dict(latent_shape=(4, 2, 2), null_label=99, steps=10, sampler="ddpm", seeds=[1, 2, 3],
+              guidance_scale=3.0)
+    sample(model, labels, guidance_interval=(200, 600), **kw)
+    visited = [t for _, t in seen]
+    assert visited == sorted(respaced_timesteps(1000, 10), reverse=True)
+    assert [b for b, _ in seen] == [6 if 200 <= t <= 600 else 3 for t in visited]
+    assert 0 < sum(b == 6 for b, _ in seen) < 10
+    # The whole range is plain guidance; a range that holds no step is no guidance at all.
+    full = sample(_elementwise, labels, guidance_interval=(0, 999), **kw)
+    assert torch.equal(full, sample(_elementwise, labels, **kw))
+    none = sample(_elementwise, labels, guidance_interval=(2000, 3000), **kw)
+    assert torch.equal(none, sample(_elementwise, labels, **{**kw, "guidance_scale": 1.0}))
+
+
 def _elementwise(x, t, y):  # batch-invariant: the seeds alone decide the result
     return torch.cat([torch.tanh(x + y.view(-1, 1, 1, 1)), torch.sin(x + t.view(-1, 1, 1, 1))], 1)
 
