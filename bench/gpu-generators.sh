@@ -16,8 +16,8 @@
 # resumes it.
 #
 # Needs: the wheels of bench/gpu-wheels.txt in ${DDFAST_WHEELS:-.whl}, and Fashion-MNIST's four
-# IDX files in ${DDFAST_FMNIST:-.fmnist} (copy them from the Debian package dataset-fashion-mnist
-# and list the folder in .git/info/exclude; carry both folders).
+# IDX files in ${DDFAST_FMNIST:-.fmnist} (copy them from the Debian package dataset-fashion-mnist;
+# git ignores both folders, so carry them).
 #
 # OUT_DIR receives generators.tar (every file the runs wrote or changed under the study's folder
 # except weights and checkpoints, to unpack in the checkout's root), generators.log and
