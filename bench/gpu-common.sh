@@ -1,11 +1,28 @@
 # Shared by bench/gpu.sh and bench/gpu-generators.sh (sourced, not run): a log, steps that each
 # get what is left of a time budget and never stop the next, and the wheels a GPU image lacks.
 #
-# The sourcing script sets: out (folder), logfile (under it), tag (log prefix), budget
-# (seconds), started (date +%s), wheels (folder), py (interpreter). steps.json lands in $out.
+# The sourcing script sets tag (its name, the log prefix), logname (the log file's name) and
+# budget (seconds), then sources this file with its own arguments (`. bench/gpu-common.sh "$@"`).
+# This file sets out (OUT_DIR, the first argument or $OUT, made absolute), repo, wheels
+# (${DDFAST_WHEELS:-$repo/.whl}), py (${PYTHON:-python3}), started, logfile and rev (the
+# checkout's commit); steps.json lands in $out, and the GPU's name and driver open the log.
 
+out=${1:-${OUT:-}}
+if [ -z "$out" ]; then
+  echo "usage: bash bench/$tag OUT_DIR" >&2
+  exit 2
+fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+wheels=${DDFAST_WHEELS:-$repo/.whl}
+py=${PYTHON:-python3}
+started=$(date +%s)
+logfile=$out/$logname
+rev=$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 echo "[" >"$out/steps.json"
-: >"$logfile"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$logfile" 2>&1 \
+  || : >"$logfile"
 first=1
 failed=0
 

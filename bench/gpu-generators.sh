@@ -26,31 +26,18 @@
 # results/fashion-mnist (the tests run the smoke scale on digits, on the CPU).
 set -uo pipefail
 
-out=${1:-${OUT:-}}
-if [ -z "$out" ]; then
-  echo "usage: bash bench/gpu-generators.sh OUT_DIR" >&2
-  exit 2
-fi
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-repo=$(cd "$(dirname "$0")/.." && pwd)
+tag=gpu-generators.sh
+logname=generators.log
 budget=${DDFAST_GPU_BUDGET:-420}
+# shellcheck source=bench/gpu-common.sh
+. "$(dirname "$0")/gpu-common.sh" "$@"
 dataset=${DATASET:-fashion-mnist}
 scale=${SCALE:-cpu}
 study=${STUDY_OUT:-results/fashion-mnist}
 names=${NAMES:-mini-gpu,s-gpu}
-wheels=${DDFAST_WHEELS:-$repo/.whl}
 data=${DDFAST_FMNIST:-$repo/.fmnist}
-py=${PYTHON:-python3}
-started=$(date +%s)
-logfile=$out/generators.log
-tag=gpu-generators
-# shellcheck source=bench/gpu-common.sh
-. "$repo/bench/gpu-common.sh"
 
-log "candidate generators $names of $dataset/$scale into $study: $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown), budget ${budget} s"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
-  >>"$logfile" 2>&1 || true
+log "candidate generators $names of $dataset/$scale into $study: $rev, budget ${budget} s"
 
 install_wheels
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"

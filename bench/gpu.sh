@@ -25,33 +25,20 @@
 # bench-ops.json and bench.md. Exit status: 0 when every step passed.
 set -uo pipefail
 
-out=${1:-${OUT:-}}
-if [ -z "$out" ]; then
-  echo "usage: bash bench/gpu.sh OUT_DIR" >&2
-  exit 2
-fi
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-repo=$(cd "$(dirname "$0")/.." && pwd)
+tag=gpu.sh
+logname=gpu.log
 budget=${DDFAST_GPU_BUDGET:-450}
+# shellcheck source=bench/gpu-common.sh
+. "$(dirname "$0")/gpu-common.sh" "$@"
 archs=${CMAKE_CUDA_ARCHITECTURES:-90}
-dry=${DDFAST_GPU_DRY_RUN:-0}
-wheels=${DDFAST_WHEELS:-$repo/.whl}
-py=${PYTHON:-python3}
-started=$(date +%s)
 device=cuda
-if [ "$dry" = 1 ]; then
+if [ "${DDFAST_GPU_DRY_RUN:-0}" = 1 ]; then
   device=cpu
 fi
-logfile=$out/gpu.log
-tag=gpu.sh
-# shellcheck source=bench/gpu-common.sh
-. "$repo/bench/gpu-common.sh"
 
 # Steps run in /tmp, so that the source tree's ddfast, which has no compiled module, never
 # shadows the installed one.
-log "ddfast GPU verification: $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown), budget ${budget} s, device $device, archs $archs"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$logfile" 2>&1 || true
+log "ddfast GPU verification: $rev, budget ${budget} s, device $device, archs $archs"
 
 # 1. Wheels the machine lacks.
 install_wheels
