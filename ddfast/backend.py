@@ -4,9 +4,9 @@ Backends: ``"ref"`` (pure torch, ``ddfast.ref``), ``"cpp"`` (the compiled module
 ``"triton"`` (``ddfast.kernels``, on a GPU, or on the CPU under ``TRITON_INTERPRET=1``) and
 ``"cuda"`` (the compiled module's CUDA kernels). By default a CPU runs ``cpp`` and a GPU runs
 ``cuda``, then ``triton``; when neither fast path can run, ``ref`` runs after a one-time warning.
-The GPU order is measured (``pytest bench --benchmark-only`` on an H200, results/bench/gpu.md):
-the CUDA kernels beat the Triton ones on every operation at the large shape, prune_adaptive by
-21x; Triton stays the path for a GPU build without nvcc.
+The GPU order is measured (``pytest bench --benchmark-only`` on an H200,
+results/bench/h200/bench.md): the CUDA kernels beat the Triton ones on every operation at the
+large shape, prune_adaptive by 21x; Triton stays the path for a GPU build without nvcc.
 ``DDFAST_BACKEND=ref|cpp|triton|cuda`` forces one backend and fails loudly when it cannot run.
 """
 
