@@ -20,19 +20,24 @@ py=${PYTHON:-python3}
 started=$(date +%s)
 logfile=$out/$logname
 rev=$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
-echo "[" >"$out/steps.json"
+records=$(mktemp)  # one line per step, joined into steps.json by finish
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$logfile" 2>&1 \
   || : >"$logfile"
-first=1
-failed=0
 
 log() { echo "[$tag $(date -u +%H:%M:%S)] $*" | tee -a "$logfile"; }
 
 # step NAME CAP_SECONDS DIR COMMAND...: run COMMAND in DIR with min(CAP, budget left) seconds,
-# its output appended to the log; its exit status and time go to steps.json.
+# its output appended to the log (or to $step_log, for steps run side by side in the background);
+# its exit status and time go to steps.json. DDFAST_GPU_STEPS (comma-separated names) runs only
+# the steps it names, and the wheels.
 step() {
   local name=$1 cap=$2 dir=$3
   shift 3
+  if [ -n "${DDFAST_GPU_STEPS:-}" ] && [ "$name" != wheels ] \
+    && [[ ",$DDFAST_GPU_STEPS," != *",$name,"* ]]; then
+    log "$name: not asked for (DDFAST_GPU_STEPS=$DDFAST_GPU_STEPS)"
+    return 0
+  fi
   local left=$((budget - ($(date +%s) - started)))
   local limit=$((cap < left ? cap : left))
   local rc t0
@@ -42,15 +47,13 @@ step() {
     rc=124
   else
     log "$name: start (limit ${limit} s)"
-    (cd "$dir" && PYTHONUNBUFFERED=1 timeout --kill-after=10 "$limit" "$@") >>"$logfile" 2>&1
+    (cd "$dir" && PYTHONUNBUFFERED=1 timeout --kill-after=10 "$limit" "$@") \
+      >>"${step_log:-$logfile}" 2>&1
     rc=$?
     log "$name: exit $rc after $(($(date +%s) - t0)) s"
   fi
-  [ "$rc" -ne 0 ] && failed=1
-  [ "$first" = 1 ] || echo "," >>"$out/steps.json"
-  first=0
-  printf '  {"step": "%s", "exit": %d, "seconds": %d, "limit": %d}' "$name" "$rc" \
-    "$(($(date +%s) - t0))" "$limit" >>"$out/steps.json"
+  printf '  {"step": "%s", "exit": %d, "seconds": %d, "limit": %d}\n' "$name" "$rc" \
+    "$(($(date +%s) - t0))" "$limit" >>"$records"
 }
 
 # The wheels under $wheels, when there are any, into a private folder put on PYTHONPATH.
@@ -65,8 +68,10 @@ install_wheels() {
 
 # Close steps.json, log the verdict and return the exit status: 0 when every step passed.
 finish() {
-  echo "" >>"$out/steps.json"
-  echo "]" >>"$out/steps.json"
+  local failed=0
+  grep -qv '"exit": 0,' "$records" && failed=1
+  { echo "["; sed '$!s/$/,/' "$records"; echo "]"; } >"$out/steps.json"
+  rm -f "$records"
   log "done in $(($(date +%s) - started)) s; $([ "$failed" = 0 ] && echo 'every step passed' \
     || echo "some step failed: see steps.json and $(basename "$logfile")")"
   return "$failed"

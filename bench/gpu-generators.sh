@@ -5,15 +5,21 @@
 #   bash bench/gpu-generators.sh OUT_DIR                 # on a CUDA machine, from the checkout's root
 #   NAMES=s-gpu bash bench/gpu-generators.sh OUT_DIR     # one candidate
 #
-# Each candidate (the study scale's `generators` table, default mini-gpu then s-gpu) runs as
+# Each candidate (the study scale's `generators` table, default mini-gpu and s-gpu) runs as
 #   python -m ddfast.study --dataset fashion-mnist --scale cpu --out results/fashion-mnist \
 #       --generators NAME --compile
 # from the source tree (no build: training from scratch, sampling and the evaluation use no fused
 # op): training, samples at the study's chosen setting against the held-out images, the IPC-10
-# set (seed 0) and its DC/DSA evaluation, with the committed full-data classifier. A candidate
+# set (seed 0) at that setting and at each probe setting of the scale, and their DC/DSA
+# evaluations, with the committed full-data classifier. A candidate
 # that runs out of the budget (DDFAST_GPU_BUDGET seconds, default 420) is killed; its
 # pretraining checkpoints stay on the machine, so the same command on a still-held machine
 # resumes it.
+#
+# The name `probes` (in the default list) runs the same command with --probes instead: this
+# study's generator sampled at the scale's probe settings. They run side by side, each within
+# the whole budget (DDFAST_GEN_PARALLEL=0: one after another); DDFAST_GEN_COMPILE=0 drops
+# --compile.
 #
 # Needs: the wheels of bench/gpu-wheels.txt in ${DDFAST_WHEELS:-.whl}, and Fashion-MNIST's four
 # IDX files in ${DDFAST_FMNIST:-.fmnist} (copy them from the Debian package dataset-fashion-mnist;
@@ -34,7 +40,7 @@ budget=${DDFAST_GPU_BUDGET:-420}
 dataset=${DATASET:-fashion-mnist}
 scale=${SCALE:-cpu}
 study=${STUDY_OUT:-results/fashion-mnist}
-names=${NAMES:-mini-gpu,s-gpu}
+names=${NAMES:-probes,mini-gpu,s-gpu}
 data=${DDFAST_FMNIST:-$repo/.fmnist}
 
 log "candidate generators $names of $dataset/$scale into $study: $rev, budget ${budget} s"
@@ -53,13 +59,30 @@ fi
 
 stamp=$(mktemp)
 sleep 1  # file times have a resolution of a second on some file systems
+compile=(--compile)
+[ "${DDFAST_GEN_COMPILE:-1}" = 0 ] && compile=()
+run_one() {  # run_one NAME: a candidate, or `probes` (this study's generator at the probes)
+  local what=(--generators "$1")
+  [ "$1" = probes ] && what=(--probes)
+  step "$1" "$budget" "$repo" "$py" -m ddfast.study --dataset "$dataset" --scale "$scale" \
+    --out "$study" "${root[@]}" "${what[@]}" "${compile[@]}"
+}
 IFS=',' read -ra list <<<"$names"
-for name in "${list[@]}"; do
-  compile=(--compile)
-  [ "${DDFAST_GEN_COMPILE:-1}" = 0 ] && compile=()
-  step "$name" "$budget" "$repo" "$py" -m ddfast.study --dataset "$dataset" --scale "$scale" \
-    --out "$study" "${root[@]}" --generators "$name" "${compile[@]}"
-done
+if [ "${DDFAST_GEN_PARALLEL:-1}" = 1 ]; then
+  # Side by side: one small model leaves most of a large GPU idle. Each writes a folder of its
+  # own; each log joins the main one when all are done.
+  for name in "${list[@]}"; do
+    step_log="$out/$name.log" run_one "$name" &
+  done
+  wait
+  for name in "${list[@]}"; do
+    { echo "----- $name"; cat "$out/$name.log"; } >>"$logfile" && rm -f "$out/$name.log"
+  done
+else
+  for name in "${list[@]}"; do
+    run_one "$name"
+  done
+fi
 
 # What the runs wrote, without weights, checkpoints or caches: the files to commit.
 (cd "$repo" && find "$study" -type f -newer "$stamp" \

@@ -5,7 +5,8 @@
 #   DDFAST_GPU_DRY_RUN=1 bash bench/gpu.sh /tmp/gpu-dry   # anywhere: the CUDA parts skip
 #
 # Steps, most valuable first; each gets what is left of the budget (DDFAST_GPU_BUDGET seconds,
-# default 450; give the call about 30 s more) and a failed or timed-out step never stops the next:
+# default 450; give the call about 30 s more) and a failed or timed-out step never stops the next
+# (DDFAST_GPU_STEPS=build,tests,check, say, runs only the steps it names, and the wheels):
 #   1. install the wheels under ${DDFAST_WHEELS:-.whl} (packages the machine lacks: see
 #      bench/gpu-wheels.txt) into a private folder on PYTHONPATH;
 #   2. build and install ddfast for sm_90 (CMAKE_CUDA_ARCHITECTURES, default 90), CUDA kernels

@@ -91,6 +91,11 @@ class Scale:
     # (seed 0, no fine-tuning) under the DC/DSA recipe, beside the exact generator. Computed only
     # when asked for (``--generators``): each costs a generator's training.
     generators: dict = field(default_factory=dict)
+    # Sampling settings off the chosen one, (tag, overrides) each, at which every generator of
+    # the candidates' table (this study's too) also draws its IPC-10 set (seed 0) for the
+    # DC/DSA recipe. Measured on the test split, so never chosen from: they show how far
+    # sampling alone moves a generator, and are computed only with ``--generators``.
+    generator_probes: tuple[tuple[str, dict], ...] = ()
 
     def repeats_of(self, protocol: str) -> int:
         return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
@@ -149,6 +154,9 @@ SCALES = {
                 "s-gpu": {"model.dit": "S/2", "model.patch_size": "4", "run.precision": "bf16",
                           "pretrain.batch_size": "512", "pretrain.lr": "5e-4",
                           "pretrain.steps": "4000"}},
+            # Guidance 6 inside timesteps 80-580 only (sigma in about 0.28 to 5.4).
+            generator_probes=(("-g6-interval80-580", {"sample.guidance_scale": "6",
+                                                       "sample.guidance_interval": "80,580"}),),
             base={"model.dit": "micro", "model.patch_size": "4", "pretrain.steps": "8000",
                   "pretrain.lr": "2e-3", "pretrain.batch_size": "128", "pretrain.warmup": "500",
                   "pretrain.ema_decay": "0.999", "optim.steps": "300",
@@ -162,7 +170,10 @@ SCALES = {
                         holdout=5, val_per_class=6, lambda_g_factors=(0.0, 100.0),
                         exact_guidance=(2.0, math.inf), exact_draws=2,
                         sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)),
-                        generators={"longer": {"pretrain.steps": "40"}}, base={
+                        generators={"longer": {"pretrain.steps": "40"}},
+                        generator_probes=(("-g4-interval0-500",
+                                           {"sample.guidance_scale": "4",
+                                            "sample.guidance_interval": "0,500"}),), base={
                             "data.max_per_class": "40", "pretrain.steps": "30",
                             "optim.steps": "10", "sample.steps": "5",
                             "memory.real_capacity": "4", "memory.gen_capacity": "4"}),
@@ -599,7 +610,9 @@ class Study:
         nothing when they exist (a clean checkout holds them, not the candidate's weights)."""
         sub = self.generator_study(name)
         keys = [sub.work / "evals" / f"dit-r0-ipc{EXACT_IPC}-dc.json",
-                sub.work / "quality" / f"dit-r0-ipc{EXACT_IPC}.json"]
+                sub.work / "quality" / f"dit-r0-ipc{EXACT_IPC}.json",
+                *(sub.work / "evals" / f"dit{tag}-r0-ipc{EXACT_IPC}-dc.json"
+                  for tag, _ in sub.scale.generator_probes)]
         if all(k.is_file() for k in keys) and (not sub.scale.sampling_grid
                                                or (sub.work / "sampling.json").is_file()):
             return
@@ -609,6 +622,14 @@ class Study:
         x, y = sub.method_set("dit", 0, EXACT_IPC)
         sub.quality_cell(f"dit-r0-ipc{EXACT_IPC}", x, y)
         sub.evaluate_cell(f"dit-r0-ipc{EXACT_IPC}-dc", x, y, "dc", 0)
+        sub.probe_cells()
+
+    def probe_cells(self) -> None:
+        """The IPC-10 set of this study's generator (``dit``, seed 0) drawn at each of the
+        scale's ``generator_probes``, under the DC/DSA recipe."""
+        for tag, extra in self.scale.generator_probes:
+            x, y = self.method_set("dit", 0, EXACT_IPC, extra, tag)
+            self.evaluate_cell(f"dit{tag}-r0-ipc{EXACT_IPC}-dc", x, y, "dc", 0)
 
     def generator_quality(self, methods: tuple[str, ...]) -> None:
         """The generator itself (``dit``: the from-scratch model, sampled with the study's
@@ -779,6 +800,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated candidate generators of the scale (or all): train each "
                         "and measure it beside this study's generator, instead of the methods' "
                         "cells")
+    p.add_argument("--probes", action="store_true",
+                   help="the IPC-10 set of this study's generator at each of the scale's probe "
+                        "settings, beside the candidates (whose runs measure their own)")
     p.add_argument("--report", action="store_true",
                    help="only rebuild results.json, results.md and the plots from the cells")
     p.add_argument("--progress", action="store_true", help="progress bars for every stage")
@@ -808,10 +832,12 @@ def main(argv: list[str] | None = None) -> int:
                 known = ", ".join(study.scale.generators) or "none at this scale"
                 raise ConfigError(f"unknown generator(s) {', '.join(unknown)}: this scale's "
                                   f"candidates are {known}")
+            if args.probes:
+                study.probe_cells()
             if names:
                 for name in names:
                     study.generator_cells(name)
-            else:
+            elif not args.probes:
                 study.run_all(methods, ipcs)
         study.report()
     except DdfastError as exc:
