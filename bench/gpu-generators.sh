@@ -46,7 +46,13 @@ data=${DDFAST_FMNIST:-$repo/.fmnist}
 log "candidate generators $names of $dataset/$scale into $study: $rev, budget ${budget} s"
 
 install_wheels
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# The source tree's ddfast alone on the path (python -P: not the working folder either): the
+# checkout's root on the path would also offer its top-level kernels/ as the PyPI package
+# `kernels`, which transformers (when the machine has it, through diffusers) then fails to
+# import. Runs start in the checkout's root, so that their recorded paths are relative to it.
+src=$(mktemp -d)
+ln -s "$repo/ddfast" "$src/ddfast"
+export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}"
 
 root=()
 if [ "$dataset" = fashion-mnist ]; then
@@ -64,7 +70,7 @@ compile=(--compile)
 run_one() {  # run_one NAME: a candidate, or `probes` (this study's generator at the probes)
   local what=(--generators "$1")
   [ "$1" = probes ] && what=(--probes)
-  step "$1" "$budget" "$repo" "$py" -m ddfast.study --dataset "$dataset" --scale "$scale" \
+  step "$1" "$budget" "$repo" "$py" -P -m ddfast.study --dataset "$dataset" --scale "$scale" \
     --out "$study" "${root[@]}" "${what[@]}" "${compile[@]}"
 }
 IFS=',' read -ra list <<<"$names"
@@ -91,6 +97,6 @@ fi
 (cd "$repo" && tar -cf "$out/generators.tar" -T "$out/files.txt")
 log "packed $(wc -l <"$out/files.txt") files into generators.tar ($(du -h "$out/generators.tar" | cut -f1))"
 cat "$out/files.txt" >>"$logfile"
-rm -f "$stamp" "$out/files.txt"
+rm -rf "$stamp" "$out/files.txt" "$src"
 
 finish
