@@ -136,10 +136,11 @@ def fidelity(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 def quality(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
             test_features: torch.Tensor, *, k: int = K_NEIGHBOURS) -> dict:
     """Every measure of the images x (N, C, H, W, normalised) with labels y against the real
-    test images' features (n, F), in ``model``'s penultimate features."""
+    test images' features (n, F), in ``model``'s penultimate features. The measures are
+    computed on the CPU, wherever the model and the reference features live."""
     from ddfast.eval.diversity import features
 
-    f = features(model, x)
+    f, test_features = features(model, x).cpu(), test_features.cpu()
     return {"n": int(x.shape[0]), "fidelity": fidelity(model, x, y),
             "fd": frechet_distance(f, test_features),
             **precision_recall_coverage(test_features, f, k)}
