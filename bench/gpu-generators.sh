@@ -23,7 +23,8 @@
 #
 # Needs: the wheels of bench/gpu-wheels.txt in ${DDFAST_WHEELS:-.whl}, and Fashion-MNIST's four
 # IDX files in ${DDFAST_FMNIST:-.fmnist} (copy them from the Debian package dataset-fashion-mnist;
-# git ignores both folders, so carry them).
+# git ignores both folders, so carry them). The IDX files are copied to the Debian package's
+# folder, where the committed study read them, when that folder lacks them.
 #
 # OUT_DIR receives generators.tar (every file the runs wrote or changed under the study's folder
 # except weights and checkpoints, to unpack in the checkout's root), generators.log and
@@ -60,7 +61,17 @@ if [ "$dataset" = fashion-mnist ]; then
     log "no Fashion-MNIST IDX files in $data: copy them there (see this script's header)"
     exit 2
   fi
-  root=(--root "$data")
+  # Where the committed study read them (the Debian package's folder, no --root): a root is a
+  # setting of every run, so passing one would make the study's own runs (its generator, which
+  # `probes` samples) read as runs of other settings.
+  default=$("$py" -P -c 'from ddfast.data.sources import DEFAULT_FASHION_MNIST_ROOT as d; print(d)')
+  if compgen -G "$default/*-idx*" >/dev/null \
+    || { mkdir -p "$default" 2>/dev/null && cp "$data"/*-idx* "$default"/; }; then
+    log "Fashion-MNIST from $default"
+  else
+    log "cannot write $default: passing --root $data (runs of the committed study will be refused)"
+    root=(--root "$data")
+  fi
 fi
 
 stamp=$(mktemp)

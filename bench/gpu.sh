@@ -11,7 +11,7 @@
 #      bench/gpu-wheels.txt) into a private folder on PYTHONPATH;
 #   2. build and install ddfast for sm_90 (CMAKE_CUDA_ARCHITECTURES, default 90), CUDA kernels
 #      required;
-#   3. pytest tests/test_ops_gpu.py tests/test_train_gpu.py;
+#   3. pytest tests/test_ops_gpu.py tests/test_train_gpu.py tests/test_eval_gpu.py;
 #   4. python -m ddfast.check --no-compile: environment, parity at D 4096 (N 64 and 4096), eager
 #      speed, and the end-to-end job under torchrun;
 #   5. pytest bench/bench_train.py --benchmark-only at batch 64 (the compiled step, CUDA graphs in
@@ -51,7 +51,7 @@ step build 240 /tmp "$py" -m pip install -q --no-deps --no-build-isolation --no-
 # 3. The GPU tests (they skip without a CUDA device).
 step tests 150 /tmp "$py" -m pytest -q -p no:cacheprovider --durations=25 --rootdir "$repo" \
   -c "$repo/pyproject.toml" --junitxml "$out/tests.xml" "$repo/tests/test_ops_gpu.py" \
-  "$repo/tests/test_train_gpu.py"
+  "$repo/tests/test_train_gpu.py" "$repo/tests/test_eval_gpu.py"
 
 # 4. The self-check at full memory sizes, eagerly.
 step check 150 /tmp "$py" -m ddfast.check --device "$device" --no-compile --json "$out/check.json"

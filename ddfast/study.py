@@ -322,11 +322,21 @@ class Study:
                                 pretrain_only=True, needs="pretrained")
         return folder / "pretrained"
 
+    def from_pretrained(self, name: str, overrides: dict, needs: str = "distilled") -> Path:
+        """Run ``name`` from the from-scratch model (``overrides`` without ``model.dit``). A
+        finished run is read as it is: the model's weights are needed (and trained when absent)
+        only to compute it, so the sets of a generator trained on another machine, whose weights
+        stay there, are evaluated here."""
+        o = {"model.dit": str(self.work / "base" / "pretrained"), **overrides}
+        if not self.finished(name, o, needs=needs):
+            self.pretrained()
+        return self.train_run(name, o, needs=needs)
+
     def method_run(self, method: str, repeat: int, extra: dict | None = None,
                    tag: str = "", ipc: tuple[int, ...] | None = None,
                    needs: str = "distilled") -> Path:
         """The run folder of one method and repeat (fine-tuned, then sampled at ``ipc``)."""
-        o = {"model.dit": str(self.pretrained()), "run.seed": str(repeat),
+        o = {"model.dit": str(self.work / "base" / "pretrained"), "run.seed": str(repeat),
              "sample.seed": str(repeat), **self.sampling(),
              "sample.ipc": ",".join(str(i) for i in (ipc or self.scale.ipc)),
              **method_overrides(method), **(extra or {})}
@@ -336,7 +346,8 @@ class Study:
             cfg = self.config("probe", o)
             steps = cfg.optim.steps or finetune_steps(cfg, self._training_images(cfg))
             o["memory.refresh_every"] = str(max(1, steps // self.scale.epoch_refreshes))
-        return self.train_run(f"{method}{tag}-r{repeat}", o, needs=needs)
+        o.pop("model.dit")
+        return self.from_pretrained(f"{method}{tag}-r{repeat}", o, needs=needs)
 
     def distilled(self, method: str, repeat: int, extra: dict | None = None,
                   tag: str = "", ipc: tuple[int, ...] | None = None) -> Path:
@@ -347,12 +358,15 @@ class Study:
         run (the from-scratch DiT for ``dit``) sampled at ``ipc`` with the same seeds."""
         name = f"{method}-r{repeat}-ipc{ipc}"
         if method == "dit":
-            model = self.pretrained()
+            model = self.work / "base" / "pretrained"
         else:
             model = self.work / f"{method}-r{repeat}" / "model"
         o = {"model.dit": str(model), "run.seed": str(repeat), "sample.seed": str(repeat),
              **self.sampling(), "sample.ipc": str(ipc), "objective.method": "dit"}
-        if method != "dit" and not self.finished(name, o):
+        if method == "dit":
+            o.pop("model.dit")
+            return self.from_pretrained(name, o) / "distilled"
+        if not self.finished(name, o):
             self.method_run(method, repeat, needs="model")  # its model, computed if missing
         return self.train_run(name, o) / "distilled"
 
@@ -561,9 +575,9 @@ class Study:
             o = {"sample.guidance_scale": f"{guidance:g}", "sample.sampler": sampler,
                  "sample.steps": str(steps)}
             tag = f"-g{guidance:g}-{sampler}{steps}"
-            o_run = {"model.dit": str(self.pretrained()), "run.seed": "0", "sample.seed": "0",
-                     "sample.ipc": str(q), "objective.method": "dit", **o}
-            folder = self.train_run(f"sampling{tag}", o_run) / "distilled"
+            o_run = {"run.seed": "0", "sample.seed": "0", "sample.ipc": str(q),
+                     "objective.method": "dit", **o}
+            folder = self.from_pretrained(f"sampling{tag}", o_run) / "distilled"
             x, y, _ = load_folder_set(folder, ipc=q)
             cell = self.quality_cell(f"val{tag}", x, y, against="val")
             known[(guidance, sampler, steps)] = {
@@ -617,7 +631,6 @@ class Study:
                                                or (sub.work / "sampling.json").is_file()):
             return
         log(f"[study] generator {name}: {self.scale.generators[name]}")
-        sub.pretrained()
         sub.sampling()
         x, y = sub.method_set("dit", 0, EXACT_IPC)
         sub.quality_cell(f"dit-r0-ipc{EXACT_IPC}", x, y)

@@ -267,6 +267,10 @@ def generators(study) -> list[dict]:
         row["quality"] = _json(work / "quality" / f"dit-r0-ipc{EXACT_IPC}.json")
         cell = _json(work / "evals" / f"dit-r0-ipc{EXACT_IPC}-dc.json")
         row["accuracy"] = None if cell is None else cell["acc_best"]
+        row["probes"] = {}
+        for tag, _ in study.scale.generator_probes:
+            cell = _json(work / "evals" / f"dit{tag}-r0-ipc{EXACT_IPC}-dc.json")
+            row["probes"][tag] = None if cell is None else cell["acc_best"]
         rows.append(row)
     # The table compares candidates with this study's generator: none measured, no table.
     return rows if any(r.get("settings") for r in rows[1:]) else []
@@ -276,13 +280,17 @@ def generator_lines(res: dict) -> list[str]:
     """The candidate generators' table, with the bar a generated IPC-10 set must clear."""
     from ddfast.study import EXACT_IPC
 
+    probes = list(res["generators"][0].get("probes") or {})
     lines = ["Candidate generators (`--generators`), each trained from scratch here and sampled "
              "at the study's chosen setting without fine-tuning: its samples against the "
              "held-out images (Fréchet distance, precision, recall, coverage, fidelity %), and "
-             f"its IPC-{EXACT_IPC} set (seed 0) under the DC/DSA recipe: accuracy (%), one run.",
+             f"its IPC-{EXACT_IPC} set (seed 0) under the DC/DSA recipe: accuracy (%), one run."
+             + (" The last columns draw the same set at each probe setting (`--probes`): "
+                "measured on the test split, so shown, never chosen from." if probes else ""),
              "", "| generator | parameters | pretraining | min | held-out FD | precision | recall "
-             f"| coverage | fidelity | IPC {EXACT_IPC} accuracy |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| coverage | fidelity | IPC {EXACT_IPC} accuracy |"
+             + "".join(f" at {_probe_label(t)} |" for t in probes),
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(probes)]
     for g in res["generators"]:
         st = g.get("settings")
         what = ("not run" if st is None else
@@ -296,8 +304,10 @@ def generator_lines(res: dict) -> list[str]:
                [f"{v['fd']:.3g}", f"{v['precision']:.3f}", f"{v['recall']:.3f}",
                 f"{v['coverage']:.3f}", f"{v['fidelity']:.1f}"])
         acc = "not run" if g["accuracy"] is None else f"{g['accuracy']:.1f}"
+        at = "".join(" not run |" if (g.get("probes") or {}).get(t) is None
+                     else f" {g['probes'][t]:.1f} |" for t in probes)
         lines.append(f"| {g['name']} | {params} | {what} | {mins} | " + " | ".join(val)
-                     + f" | {acc} |")
+                     + f" | {acc} |" + at)
     bar = []
     real = next((r for r in res["rows"] if (r["protocol"], r["method"], r["ipc"])
                  == ("dc", "random", EXACT_IPC)), None)
@@ -312,6 +322,13 @@ def generator_lines(res: dict) -> list[str]:
     if bar:
         lines += ["", f"The bar at IPC {EXACT_IPC}, same recipe: " + "; ".join(bar) + "."]
     return lines
+
+
+def _probe_label(tag: str) -> str:
+    """'-g6-interval80-580' -> 'g6, interval 80-580'."""
+    parts = tag.strip("-").split("-", 1)
+    return parts[0] + (", " + parts[1].replace("interval", "interval ", 1) if len(parts) > 1
+                       else "")
 
 
 def _fmt(stat: dict | None, digits: int = 1) -> str:

@@ -538,3 +538,45 @@ def test_a_candidate_generator_is_measured_in_a_study_of_its_own(study_dir, tmp_
     assert main([*args, "--generators", f"{name},nope"]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and f"candidates are {name}" in err
+
+
+def test_probes_draw_each_generator_at_other_settings_and_need_no_weights_once_drawn(
+        study_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "study"
+    shutil.copytree(study_dir, out)
+    scale = SCALES["smoke"]["digits"]
+    name = next(iter(scale.generators))
+    (tag, over), = scale.generator_probes
+    args = ["--dataset", "digits", "--scale", "smoke", "--out", str(out)]
+    assert main([*args, "--probes", "--generators", name]) == 0
+    rows = {g["name"]: g for g in json.loads((out / "results.json").read_text())["generators"]}
+    for row, work in ((rows["this study's"], out / "work"),
+                      (rows[name], out / "generators" / name / "work")):
+        cell = json.loads((work / "evals" / f"dit{tag}-r0-ipc10-dc.json").read_text())
+        assert row["probes"] == {tag: cell["acc_best"]}
+        cfg = json.loads((work / f"dit{tag}-r0" / "config.json").read_text())
+        assert cfg["sample"]["guidance_scale"] == float(over["sample.guidance_scale"])
+        assert cfg["sample"]["guidance_interval"] == [0, 500]
+        assert cfg["model"]["dit"] == str(work / "base" / "pretrained")
+    md = (out / "results.md").read_text()
+    assert "at g4, interval 0-500 |" in md and "never chosen from" in md
+    # The candidate trained elsewhere: its weights are not here, its sets are. Its cells are
+    # computed from the sets, and nothing is trained.
+    sub = out / "generators" / name / "work"
+    shutil.rmtree(sub / "base" / "pretrained")
+    shutil.rmtree(sub / "base" / "ckpt", ignore_errors=True)
+    cells = {k: json.loads((sub / "evals" / f"{k}.json").read_text())
+             for k in ("dit-r0-ipc10-dc", f"dit{tag}-r0-ipc10-dc")}
+    for k in cells:
+        (sub / "evals" / f"{k}.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--generators", name]) == 0
+    log = capsys.readouterr().out
+    assert "[study] run" not in log and "[study] evaluate dit-r0-ipc10-dc" in log
+    assert not (sub / "base" / "pretrained").exists()
+    for k, before in cells.items():
+        again = json.loads((sub / "evals" / f"{k}.json").read_text())
+        # the same set, seed and machine: the same classifier (less its timing)
+        assert {**again, "seconds": 0} == {**before, "seconds": 0}
