@@ -14,6 +14,8 @@
 #   3. pytest tests/test_ops_gpu.py tests/test_train_gpu.py tests/test_eval_gpu.py;
 #   4. python -m ddfast.check --no-compile: environment, parity at D 4096 (N 64 and 4096), eager
 #      speed, and the end-to-end job under torchrun;
+#   4b. bench/profile_eval.py (profile-eval): one DC/DSA evaluation of the study's shape under
+#      torch.profiler, its slowest operations on the device and on the host;
 #   5. pytest bench/bench_train.py --benchmark-only at batch 64 (the compiled step, CUDA graphs in
 #      sampling, each beside the reference path);
 #   6. pytest bench/bench_ops.py bench/bench_eval.py --benchmark-only, then bench/summarize.py
@@ -21,9 +23,9 @@
 # The compiled paths are timed once, by the benchmarks (an H200 spends about 90 s compiling the
 # step, so the self-check does not compile it again). Each pytest step lists its 25 slowest
 # phases, set-up included, so the next budget can be drawn from measurements.
-# Everything lands in OUT_DIR (7 files, none nested): gpu.log (every step's output),
-# steps.json (exit status and seconds of each step), check.json, tests.xml, bench-train.json,
-# bench-ops.json and bench.md. Exit status: 0 when every step passed.
+# Everything lands in OUT_DIR (8 files, none nested): gpu.log (every step's output),
+# steps.json (exit status and seconds of each step), check.json, profile-eval.json, tests.xml,
+# bench-train.json, bench-ops.json and bench.md. Exit status: 0 when every step passed.
 set -uo pipefail
 
 tag=gpu.sh
@@ -55,6 +57,12 @@ step tests 150 /tmp "$py" -m pytest -q -p no:cacheprovider --durations=25 --root
 
 # 4. The self-check at full memory sizes, eagerly.
 step check 150 /tmp "$py" -m ddfast.check --device "$device" --no-compile --json "$out/check.json"
+
+# 4b. Where a DC/DSA evaluation's time goes (the study's cell shape, 20 epochs, profiled).
+epochs=20
+[ "$device" = cpu ] && epochs=1  # a dry run: about 10 s an epoch on one CPU core
+step profile-eval 60 /tmp "$py" "$repo/bench/profile_eval.py" --device "$device" \
+  --epochs "$epochs" --json "$out/profile-eval.json"
 
 # 5. The job's speed: the compiled fine-tuning step at batch 64 and compiled sampling.
 bench() {  # bench NAME CAP JSON FILES... [PYTEST ARGS...]
