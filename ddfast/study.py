@@ -267,6 +267,9 @@ class Study:
         self._data = self._real = self._full = self._test_f = self._val = None
         self._pool = None
         self._sampling = None
+        # Compute runs, not evaluations (``--runs-only``): the classifier cells and the test-split
+        # quality cells are left for wherever the sets are evaluated.
+        self.runs_only = False
 
     # ------------------------------------------------------------------------------ runs
     def config(self, name: str, overrides: dict, pretrain_only: bool = False):
@@ -473,14 +476,17 @@ class Study:
         return self._test_f
 
     # ------------------------------------------------------------------------------ cells
-    def evaluate_cell(self, key: str, x, y, protocol: str, seed: int) -> dict:
-        """One classifier (ConvNet-3) on one set; with the set's diversity. Cached by key."""
+    def evaluate_cell(self, key: str, x, y, protocol: str, seed: int) -> dict | None:
+        """One classifier (ConvNet-3) on one set; with the set's diversity. Cached by key; None
+        for a missing cell under ``runs_only``."""
         from ddfast.eval.diversity import set_diversity
         from ddfast.eval.protocol import evaluate
 
         path = self.work / "evals" / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
+        if self.runs_only:
+            return None
         _, test_x, test_y = self.data()
         log(f"[study] evaluate {key}")
         res = evaluate(x, y, test_x, test_y, networks=("convnet3",), repeats=1,
@@ -498,16 +504,19 @@ class Study:
         write_json(path, cell)
         return cell
 
-    def quality_cell(self, key: str, x, y, against: str = "test") -> dict:
+    def quality_cell(self, key: str, x, y, against: str = "test") -> dict | None:
         """Fidelity, Fréchet distance, precision, recall and coverage of the images x (labels y)
         against the test images (or the held-out validation images, ``against="val"``), in the
-        full-data classifier's features. Cached by key under ``quality/`` (``sampling/``)."""
+        full-data classifier's features. Cached by key under ``quality/`` (``sampling/``); None
+        for a missing test-split cell under ``runs_only``."""
         from ddfast.eval.quality import quality
 
         folder = "quality" if against == "test" else "sampling"
         path = self.work / folder / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
+        if self.runs_only and against == "test":
+            return None
         log(f"[study] quality {key} against the {against} images")
         _, model = self.full_classifier()
         ref = self.test_features() if against == "test" else self.validation()[2]
@@ -621,6 +630,7 @@ class Study:
             raise ConfigError(f"unknown generator {name!r}: this scale's candidates are {known}")
         sub = Study(self.dataset, self.scale_name, self.out / "generators" / name, self.device,
                     self.root, self.progress, compile=self.compile)
+        sub.runs_only = self.runs_only
         point = self.sampling_point()
         sub.scale = replace(self.scale, sampling_grid=(point,) if point else (),
                             exact_guidance=(), generators={})
@@ -812,9 +822,11 @@ def main(argv: list[str] | None = None) -> int:
                    "run folders and cells under <out>/work")
     p.add_argument("--root", help="fashion-mnist: the IDX folder (default: Debian's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", default=None,
                    help="comma-separated subset of " + ", ".join(METHODS) + " (default: all); "
-                        "processes computing disjoint subsets can share one --out")
+                        "processes computing disjoint subsets can share one --out. With "
+                        "--generators: also these methods' cells in each candidate's own study "
+                        "(<out>/generators/<name>, its tables there)")
     p.add_argument("--ipc", default="",
                    help="comma-separated IPCs: compute only their cells (default: every IPC of "
                         "the scale)")
@@ -822,6 +834,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated candidate generators of the scale (or all): train each "
                         "and measure it beside this study's generator, instead of the methods' "
                         "cells")
+    p.add_argument("--runs-only", action="store_true",
+                   help="train and sample every run the cells need, and evaluate none (the "
+                        "sampling choice's held-out measures excepted): a GPU's part, the "
+                        "evaluations then run wherever the sets are, from the finished runs")
     p.add_argument("--probes", action="store_true",
                    help="the IPC-10 set of this study's generator at each of the scale's probe "
                         "settings, beside the candidates (whose runs measure their own)")
@@ -835,7 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = Study(args.dataset, args.scale, Path(args.out), args.device, args.root,
                       args.progress, args.repeats, args.compile)
-        methods = tuple(m for m in args.methods.split(",") if m)
+        study.runs_only = args.runs_only
+        methods = tuple(m for m in (args.methods or ",".join(METHODS)).split(",") if m)
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise ConfigError(f"unknown method(s) {', '.join(unknown)}: pass a subset of "
@@ -859,6 +876,10 @@ def main(argv: list[str] | None = None) -> int:
             if names:
                 for name in names:
                     study.generator_cells(name)
+                    if args.methods is not None:  # the candidate's own study of the methods
+                        sub = study.generator_study(name)
+                        sub.run_all(methods, ipcs)
+                        sub.report()
             elif not args.probes:
                 study.run_all(methods, ipcs)
         study.report()

@@ -580,3 +580,36 @@ def test_probes_draw_each_generator_at_other_settings_and_need_no_weights_once_d
         again = json.loads((sub / "evals" / f"{k}.json").read_text())
         # the same set, seed and machine: the same classifier (less its timing)
         assert {**again, "seconds": 0} == {**before, "seconds": 0}
+
+
+def test_a_candidates_own_study_runs_on_one_machine_and_is_evaluated_on_another(
+        study_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "study"
+    shutil.copytree(study_dir, out)
+    name = next(iter(SCALES["smoke"]["digits"].generators))
+    args = ["--dataset", "digits", "--scale", "smoke", "--out", str(out), "--generators", name,
+            "--methods", "dit,ours-step", "--ipc", "10"]
+    # The GPU's part: every run of the candidate's cells, no evaluation.
+    assert main([*args, "--runs-only"]) == 0
+    sub = out / "generators" / name / "work"
+    for run in ("dit-r0", "ours-step-r0", "ours-step-lambda_g0-r0"):
+        assert (sub / run / "distilled" / "manifest.json").is_file(), run
+    assert not list(sub.glob("evals/ours-step*"))
+    assert not (sub / "quality" / "ours-step-r0-ipc10.json").exists()
+    # What comes back holds no weights: the sets are evaluated here from the finished runs.
+    shutil.rmtree(sub / "base" / "pretrained")
+    for model in sub.glob("*/model"):
+        shutil.rmtree(model)
+    capsys.readouterr()
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "[study] run" not in log and "[study] evaluate ours-step-r0-ipc10-dc" in log
+    cell = json.loads((sub / "evals" / "ours-step-r0-ipc10-dc.json").read_text())
+    assert cell["ipc"] == 10
+    res = json.loads((out / "generators" / name / "results.json").read_text())
+    row = next(r for r in res["rows"] if (r["method"], r["ipc"], r["protocol"])
+               == ("ours-step", 10, "dc"))
+    assert row["accuracy"]["mean"] == cell["acc_best"]
+    assert (out / "generators" / name / "results.md").is_file()
