@@ -8,11 +8,13 @@
 # Each candidate (the study scale's `generators` table, default mini-p2-gpu and mini-gpu-long)
 # runs as
 #   python -m ddfast.study --dataset fashion-mnist --scale cpu --out results/fashion-mnist \
-#       --generators NAME --compile
-# from the source tree (no build: training from scratch, sampling and the evaluation use no fused
-# op): training, samples at the study's chosen setting against the held-out images, the IPC-10
-# set (seed 0) at that setting and at each probe setting of the scale, and their DC/DSA
-# evaluations, with the committed full-data classifier. A candidate
+#       --generators NAME --runs-only
+# from the source tree (no build: training from scratch and sampling use no fused op):
+# training, samples at the study's chosen setting against the held-out images (with the
+# committed full-data classifier), and the IPC-10 set (seed 0) at that setting and at each
+# probe setting of the scale. The DC/DSA evaluations are left for the machine the sets go back
+# to (`--generators NAME` there evaluates them from the finished runs): on an H200 one took over
+# 150 s (DDFAST_GEN_EVALUATE=1 runs them here; DDFAST_GEN_COMPILE=1 adds --compile). A candidate
 # that runs out of the budget (DDFAST_GPU_BUDGET seconds, default 420) is killed; its
 # pretraining checkpoints stay on the machine, so the same command on a still-held machine
 # resumes it.
@@ -77,13 +79,15 @@ fi
 
 stamp=$(mktemp)
 sleep 1  # file times have a resolution of a second on some file systems
-compile=(--compile)
-[ "${DDFAST_GEN_COMPILE:-1}" = 0 ] && compile=()
+compile=()
+[ "${DDFAST_GEN_COMPILE:-0}" = 1 ] && compile=(--compile)
+evaluate=(--runs-only)
+[ "${DDFAST_GEN_EVALUATE:-0}" = 1 ] && evaluate=()
 run_one() {  # run_one NAME: a candidate, or `probes` (this study's generator at the probes)
   local what=(--generators "$1")
   [ "$1" = probes ] && what=(--probes)
   step "$1" "$budget" "$repo" "$py" -P -m ddfast.study --dataset "$dataset" --scale "$scale" \
-    --out "$study" "${root[@]}" "${what[@]}" "${compile[@]}"
+    --out "$study" "${root[@]}" "${what[@]}" "${compile[@]}" "${evaluate[@]}"
 }
 IFS=',' read -ra list <<<"$names"
 if [ "${DDFAST_GEN_PARALLEL:-1}" = 1 ]; then
@@ -102,10 +106,12 @@ else
   done
 fi
 
-# What the runs wrote, without weights, checkpoints or caches: the files to commit.
+# What the runs wrote, without weights (nor the folders that hold them: a model folder without
+# its weights would pass for a trained model), checkpoints or caches: the files to commit.
 (cd "$repo" && find "$study" -type f -newer "$stamp" \
   ! -name '*.safetensors' ! -name '*.pt' ! -name '*.pth' ! -name '*.bin' ! -name '*.npz' \
-  ! -path '*/checkpoint*' ! -path '*/cache/*' | sort) >"$out/files.txt"
+  ! -path '*/checkpoint*' ! -path '*/cache/*' ! -path '*/ckpt/*' ! -path '*/pretrained/*' \
+  ! -path '*/model/*' | sort) >"$out/files.txt"
 (cd "$repo" && tar -cf "$out/generators.tar" -T "$out/files.txt")
 log "packed $(wc -l <"$out/files.txt") files into generators.tar ($(du -h "$out/generators.tar" | cut -f1))"
 cat "$out/files.txt" >>"$logfile"

@@ -156,13 +156,13 @@ SCALES = {
                           "pretrain.steps": "4000"},
                 # Neither moved the IPC-10 set by a point (71.9, 72.0 against 71.2): the next
                 # are finer patches (196 tokens of 4 pixels; DiT's own finding: patch size buys
-                # more than width) and 2.5 times mini-gpu's images (7.7 M; compiled, a few minutes).
+                # more than width) and twice mini-gpu's images (6.1 M, about 5 min of an H200).
                 "mini-p2-gpu": {"model.dit": "mini", "model.patch_size": "2",
                                 "run.precision": "bf16", "pretrain.batch_size": "512",
                                 "pretrain.lr": "1e-3", "pretrain.steps": "4000"},
                 "mini-gpu-long": {"model.dit": "mini", "model.patch_size": "4",
                                   "run.precision": "bf16", "pretrain.batch_size": "512",
-                                  "pretrain.lr": "1e-3", "pretrain.steps": "15000"}},
+                                  "pretrain.lr": "1e-3", "pretrain.steps": "12000"}},
             # Guidance 6 inside timesteps 80-580 only (sigma in about 0.28 to 5.4).
             generator_probes=(("-g6-interval80-580", {"sample.guidance_scale": "6",
                                                        "sample.guidance_interval": "80,580"}),),

@@ -38,27 +38,42 @@ def test_candidate_generators_are_packed_without_weights(tmp_path):
     probe = Study("digits", "smoke", study).scale.generator_probes[0][0]
     with tarfile.open(out / "generators.tar") as tar:
         names = tar.getnames()
-        key = "generators/longer/work/evals/dit-r0-ipc10-dc.json"
-        cell = next(n for n in names if n.endswith(key))
-        packed = json.loads(tar.extractfile(cell).read())
-    assert packed == json.loads((study / key).read_text())
+    # Runs and their sets, no weights, no evaluations (they run where the sets go back to).
     assert not [n for n in names if n.endswith((".safetensors", ".pt"))]
     assert any(n.endswith("generators/longer/work/base/metrics.jsonl") for n in names)
-    for work in (study / "work", study / "generators" / "longer" / "work"):  # both at the probe
-        cell = json.loads((work / "evals" / f"dit{probe}-r0-ipc10-dc.json").read_text())
-        cfg = json.loads((work / f"dit{probe}-r0" / "config.json").read_text())
-        assert cell["ipc"] == 10 and cfg["sample"]["guidance_interval"] == [0, 500]
+    for run in ("generators/longer/work/dit-r0", f"generators/longer/work/dit{probe}-r0",
+                f"work/dit{probe}-r0"):
+        assert any(n.endswith(f"{run}/distilled/manifest.json") for n in names), run
+    assert not [n for n in names if "/evals/" in n]
+    assert any(n.endswith("generators/longer/work/sampling.json") for n in names)
 
-    # Side by side, once the cells exist: each step's log joins the main one, steps.json holds
-    # both, and nothing is computed again.
+    # The sets evaluated elsewhere: the tar unpacked into a copy of the study without the
+    # candidate's weights, then the same names without --runs-only. Side by side, each step's
+    # log joins the main one, steps.json holds both, and nothing is trained or drawn again.
+    there = tmp_path / "there"
+    shutil.copytree(study, there / "study", ignore=shutil.ignore_patterns("generators"))
+    with tarfile.open(out / "generators.tar") as tar:  # paths as the script saw the study's
+        tar.extractall(there / "unpacked", filter="data")
+    shutil.copytree(there / "unpacked" / str(study).lstrip("/"), there / "study",
+                    dirs_exist_ok=True)
     again = tmp_path / "again"
-    done = subprocess.run(["bash", script, str(again)], env={**env, "DDFAST_GEN_PARALLEL": "1"},
+    done = subprocess.run(["bash", script, str(again)],
+                          env={**env, "STUDY_OUT": str(there / "study"),
+                               "DDFAST_GEN_PARALLEL": "1", "DDFAST_GEN_EVALUATE": "1"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     steps = json.loads((again / "steps.json").read_text())
     assert sorted(s["step"] for s in steps) == ["longer", "probes"]
     log = (again / "generators.log").read_text()
-    assert "----- probes" in log and "----- longer" in log and "[study] run" not in log
+    assert "----- probes" in log and "----- longer" in log
+    assert "ddfast: run folder" not in log  # (the copy moved: its runs' paths are rewritten)
+    assert not (there / "study" / "generators" / "longer" / "work" / "base" / "pretrained").exists()
+    for work in (there / "study" / "work", there / "study" / "generators" / "longer" / "work"):
+        cell = json.loads((work / "evals" / f"dit{probe}-r0-ipc10-dc.json").read_text())
+        cfg = json.loads((work / f"dit{probe}-r0" / "config.json").read_text())
+        assert cell["ipc"] == 10 and cfg["sample"]["guidance_interval"] == [0, 500]
+    assert (there / "study" / "generators" / "longer" / "work" / "evals"
+            / "dit-r0-ipc10-dc.json").is_file()
     assert sorted(p.name for p in again.iterdir()) == ["generators.log", "generators.tar",
                                                         "steps.json"]
 
