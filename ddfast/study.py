@@ -656,12 +656,14 @@ class Study:
         sub.evaluate_cell(f"dit-r0-ipc{EXACT_IPC}-dc", x, y, "dc", 0)
         sub.probe_cells()
 
-    def probe_cells(self) -> None:
-        """The IPC-10 set of this study's generator (``dit``, seed 0) drawn at each of the
-        scale's ``generator_probes``, under the DC/DSA recipe."""
-        for tag, extra in self.scale.generator_probes:
-            x, y = self.method_set("dit", 0, EXACT_IPC, extra, tag)
-            self.evaluate_cell(f"dit{tag}-r0-ipc{EXACT_IPC}-dc", x, y, "dc", 0)
+    def probe_cells(self, methods: tuple[str, ...] = ("dit",)) -> None:
+        """The IPC-10 set (repeat 0) of each generated method, by default this study's generator
+        alone (``dit``), drawn at each of the scale's ``generator_probes``, under the DC/DSA
+        recipe. A method's run fine-tunes as its cell's does and samples at the probe."""
+        for method in (m for m in methods if m != "random"):
+            for tag, extra in self.scale.generator_probes:
+                x, y = self.method_set(method, 0, EXACT_IPC, extra, tag)
+                self.evaluate_cell(f"{method}{tag}-r0-ipc{EXACT_IPC}-dc", x, y, "dc", 0)
 
     def generator_quality(self, methods: tuple[str, ...]) -> None:
         """The generator itself (``dit``: the from-scratch model, sampled with the study's
@@ -840,7 +842,8 @@ def main(argv: list[str] | None = None) -> int:
                         "evaluations then run wherever the sets are, from the finished runs")
     p.add_argument("--probes", action="store_true",
                    help="the IPC-10 set of this study's generator at each of the scale's probe "
-                        "settings, beside the candidates (whose runs measure their own)")
+                        "settings, beside the candidates (whose runs measure their own); with "
+                        "--methods, each of those methods' sets too")
     p.add_argument("--report", action="store_true",
                    help="only rebuild results.json, results.md and the plots from the cells")
     p.add_argument("--progress", action="store_true", help="progress bars for every stage")
@@ -871,8 +874,8 @@ def main(argv: list[str] | None = None) -> int:
                 known = ", ".join(study.scale.generators) or "none at this scale"
                 raise ConfigError(f"unknown generator(s) {', '.join(unknown)}: this scale's "
                                   f"candidates are {known}")
-            if args.probes:
-                study.probe_cells()
+            if args.probes:  # with --methods, theirs too
+                study.probe_cells(methods if args.methods is not None else ("dit",))
             if names:
                 for name in names:
                     study.generator_cells(name)

@@ -85,6 +85,7 @@ def collect(study) -> dict:
     return {
         "exact": exact(study),
         "generators": generators(study),
+        "probes": probes(study),
         "lambda_g": lambda_g_sweep(study),
         "sampling": json.loads(sampling_path.read_text()) if sampling_path.is_file() else None,
         "quality": quality(study),
@@ -324,6 +325,51 @@ def generator_lines(res: dict) -> list[str]:
     return lines
 
 
+def probes(study) -> list[dict]:
+    """Each generated method's IPC-10 set (repeat 0, DC/DSA recipe) at the chosen sampling
+    setting and at each of the scale's probe settings (``--probes --methods``), for the methods
+    measured at some probe beyond ``dit`` (whose probe the candidates' table shows)."""
+    from ddfast.study import EXACT_IPC, METHODS
+
+    tags = [t for t, _ in study.scale.generator_probes]
+    rows = []
+    for method in (m for m in METHODS if m != "random"):
+        at = {t: _json(study.work / "evals" / f"{method}{t}-r0-ipc{EXACT_IPC}-dc.json")
+              for t in tags}
+        chosen = _json(study.work / "evals" / f"{method}-r0-ipc{EXACT_IPC}-dc.json")
+        rows.append({"method": method,
+                     "chosen": None if chosen is None else chosen["acc_best"],
+                     "probes": {t: None if c is None else c["acc_best"] for t, c in at.items()},
+                     "coverage": {t: None if c is None else c["coverage"] for t, c in at.items()}})
+    measured = any(v is not None for r in rows if r["method"] != "dit"
+                   for v in r["probes"].values())
+    return rows if measured else []
+
+
+def probe_lines(res: dict) -> list[str]:
+    """The methods at the probe settings, beside their sets at the chosen one."""
+    from ddfast.study import EXACT_IPC
+
+    tags = list(res["probes"][0]["probes"])
+    lines = ["The methods at the probe settings (`--probes --methods`): each one's "
+             f"IPC-{EXACT_IPC} set of repeat 0, its fine-tuning unchanged, drawn at the "
+             "study's chosen setting and at each probe; DC/DSA recipe, one run each: "
+             "accuracy (%) / coverage. Measured on the test split: shown, never chosen from.",
+             "",
+             "| method | chosen setting | " + " | ".join(_probe_label(t) for t in tags) + " |",
+             "|---|---:|" + "---:|" * len(tags)]
+    for r in res["probes"]:
+        chosen = "not run" if r["chosen"] is None else f"{r['chosen']:.1f}"
+        cells = ["not run" if r["probes"][t] is None
+                 else f"{r['probes'][t]:.1f} / {r['coverage'][t]:.3f}" for t in tags]
+        lines.append(f"| {LABELS[r['method']]} | {chosen} | " + " | ".join(cells) + " |")
+    real = next((r for r in res["rows"] if (r["protocol"], r["method"], r["ipc"])
+                 == ("dc", "random", EXACT_IPC)), None)
+    if real and real["accuracy"]:
+        lines += ["", f"Random real at IPC {EXACT_IPC}, same recipe: {_fmt(real['accuracy'])}."]
+    return lines
+
+
 def _probe_label(tag: str) -> str:
     """'-g6-interval80-580' -> 'g6, interval 80-580'."""
     parts = tag.strip("-").split("-", 1)
@@ -436,6 +482,8 @@ def markdown(res: dict) -> str:
         lines += ["", *exact_lines(res)]
     if res.get("generators"):
         lines += ["", *generator_lines(res)]
+    if res.get("probes"):
+        lines += ["", *probe_lines(res)]
     if res.get("sampling"):
         sw = res["sampling"]
         lines += ["", f"Sampling settings, chosen on {sw['holdout']} held-out training images "

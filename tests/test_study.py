@@ -562,6 +562,20 @@ def test_probes_draw_each_generator_at_other_settings_and_need_no_weights_once_d
         assert cfg["model"]["dit"] == str(work / "base" / "pretrained")
     md = (out / "results.md").read_text()
     assert "at g4, interval 0-500 |" in md and "never chosen from" in md
+    assert json.loads((out / "results.json").read_text())["probes"] == []  # dit's alone: above
+    # A fine-tuned method at the probe: its run fine-tunes as its cell's does, samples there.
+    assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(out), "--probes",
+                 "--methods", "ours-step"]) == 0
+    cfg = json.loads((out / "work" / f"ours-step{tag}-r0" / "config.json").read_text())
+    own = json.loads((out / "work" / "ours-step-r0" / "config.json").read_text())
+    assert cfg["optim"] == own["optim"] and cfg["memory"] == own["memory"]
+    assert cfg["sample"]["guidance_interval"] == [0, 500]
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["probes"]}
+    cell = json.loads((out / "work" / "evals" / f"ours-step{tag}-r0-ipc10-dc.json").read_text())
+    assert rows["ours-step"]["probes"] == {tag: cell["acc_best"]}
+    assert rows["ours-step"]["chosen"] == _cell(out, "ours-step-r0-ipc10-dc")["acc_best"]
+    assert rows["minimax"]["probes"] == {tag: None}
+    assert "The methods at the probe settings" in (out / "results.md").read_text()
     # The candidate trained elsewhere: its weights are not here, its sets are. Its cells are
     # computed from the sets, and nothing is trained.
     sub = out / "generators" / name / "work"
