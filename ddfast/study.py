@@ -65,8 +65,15 @@ class Scale:
     full_batch: int = 0  # batch of the full-data classifier; 0 = the recipe's
     holdout: int = 0  # validation images per class, held out of every run (data.holdout)
     # Sampling settings to choose from on the validation split: (guidance scale, sampler,
-    # steps). Empty: the preset's settings, no choice made.
-    sampling_grid: tuple[tuple[float, str, int], ...] = ()
+    # steps), or (guidance scale, sampler, steps, "lo,hi") for guidance only inside timesteps
+    # lo..hi. Empty: the preset's settings, no choice made.
+    sampling_grid: tuple[tuple, ...] = ()
+    # How the grid's point is chosen, both on the held-out images: "fd", the lowest Fréchet
+    # distance of the setting's samples to them; "accuracy", the highest accuracy on them of a
+    # ConvNet-3 trained (DC/DSA recipe) on the setting's first 10 samples per class, what the
+    # distilled sets are for (the two disagree: Fréchet distance rewards recall, the sets
+    # fidelity).
+    sampling_criterion: str = "fd"
     val_per_class: int = 50  # images per class sampled for each candidate setting
     # lambda_g at these multiples of its default (ours, per step, repeat 0, IPC 10): how strong
     # must the diversity term be before it visibly changes the samples?
@@ -223,6 +230,21 @@ def exact_draw(own: torch.Tensor, labels: torch.Tensor, ipc: int, guidance: floa
                                        generator=gen)
             picks.append(members[chosen])
     return torch.cat(picks)
+
+
+SAMPLING_CRITERIA = ("fd", "accuracy")
+
+
+def _grid_point(entry) -> tuple[float, str, int, str]:
+    """A sampling-grid entry as (guidance, sampler, steps, interval), interval "" for none."""
+    guidance, sampler, steps, *rest = entry
+    return float(guidance), sampler, int(steps), rest[0] if rest else ""
+
+
+def _grid_key(point: dict) -> tuple[float, str, int, str]:
+    """The grid entry a point of ``sampling.json`` measured (older files have no interval)."""
+    return (float(point["guidance_scale"]), point["sampler"], int(point["steps"]),
+            point.get("interval", ""))
 
 
 def method_overrides(method: str) -> dict:
@@ -583,43 +605,93 @@ class Study:
         if self._sampling is not None:
             return self._sampling
         path = self.work / "sampling.json"
+        criterion = self.scale.sampling_criterion
+        if criterion not in SAMPLING_CRITERIA:
+            raise ConfigError(f"sampling criterion {criterion!r}: pass one of "
+                              f"{', '.join(SAMPLING_CRITERIA)}")
+        by_accuracy = criterion == "accuracy" and len(grid) > 1  # one point: nothing to choose
+        q = self.scale.val_per_class
+        if by_accuracy and q < EXACT_IPC:
+            raise ConfigError(f"the accuracy criterion trains on {EXACT_IPC} samples per class "
+                              f"of each setting: set val_per_class >= {EXACT_IPC} (it is {q})")
         known, before, stored = {}, None, None
         if path.is_file():
             rec = json.loads(path.read_text())
             before, stored = rec["chosen"], rec["points"]
-            known = {(p["guidance_scale"], p["sampler"], p["steps"]): p for p in rec["points"]}
-        q = self.scale.val_per_class
-        for guidance, sampler, steps in (g for g in grid if tuple(g) not in known):
+            known = {_grid_key(p): p for p in rec["points"]}
+        for entry in grid:
+            guidance, sampler, steps, interval = _grid_point(entry)
+            point = known.get((guidance, sampler, steps, interval))
+            if point is not None and (not by_accuracy or "val_accuracy" in point):
+                continue
             o = {"sample.guidance_scale": f"{guidance:g}", "sample.sampler": sampler,
                  "sample.steps": str(steps)}
             tag = f"-g{guidance:g}-{sampler}{steps}"
+            if interval:
+                o["sample.guidance_interval"] = interval
+                tag += "-interval" + interval.replace(",", "-")
             o_run = {"run.seed": "0", "sample.seed": "0", "sample.ipc": str(q),
                      "objective.method": "dit", **o}
             folder = self.from_pretrained(f"sampling{tag}", o_run) / "distilled"
             x, y, _ = load_folder_set(folder, ipc=q)
             cell = self.quality_cell(f"val{tag}", x, y, against="val")
-            known[(guidance, sampler, steps)] = {
-                "guidance_scale": guidance, "sampler": sampler, "steps": steps, "settings": o,
-                **{k: cell[k] for k in ("fidelity", "fd", "precision", "recall", "coverage")}}
-        points = [known[tuple(g)] for g in grid]
-        best = min(points, key=lambda p: p["fd"])
+            point = {"guidance_scale": guidance, "sampler": sampler, "steps": steps,
+                     **({"interval": interval} if interval else {}), "settings": o,
+                     **{k: cell[k] for k in ("fidelity", "fd", "precision", "recall",
+                                             "coverage")}}
+            if by_accuracy:
+                # The first ten of each class: the IPC-10 set the same seeds draw (image seeds
+                # depend on the class and the index alone).
+                x10, y10, _ = load_folder_set(folder, ipc=EXACT_IPC)
+                point["val_accuracy"] = self.val_accuracy_cell(f"val{tag}", x10, y10)
+            known[(guidance, sampler, steps, interval)] = point
+        points = [known[_grid_point(g)] for g in grid]
+        if by_accuracy:  # ties go to the closer samples
+            best = max(points, key=lambda p: (p["val_accuracy"], -p["fd"]))
+            text = (f"highest accuracy on the validation images of a ConvNet-3 trained (DC/DSA "
+                    f"recipe) on the setting's first {EXACT_IPC} samples per class")
+        else:
+            best = min(points, key=lambda p: p["fd"])
+            text = "lowest Fréchet distance to the validation images"
         if before is not None and best["settings"] != before:
             log(f"[study] sampling: the grid now chooses {best['settings']} over {before}; "
                 "runs drawn with the old setting will be refused (start a new --out)")
         if points != stored or best["settings"] != before:
-            write_json(path, {"criterion": "lowest Fréchet distance to the validation images",
-                              "per_class": q, "holdout": self.scale.holdout, "points": points,
-                              "chosen": best["settings"]})
+            write_json(path, {"criterion": text, "per_class": q, "holdout": self.scale.holdout,
+                              "points": points, "chosen": best["settings"]})
         self._sampling = best["settings"]
         return self._sampling
 
-    def sampling_point(self) -> tuple[float, str, int] | None:
-        """(guidance scale, sampler, steps) of the chosen sampling setting; None without a grid."""
+    def sampling_point(self) -> tuple | None:
+        """The chosen sampling setting as a grid entry: (guidance scale, sampler, steps), with
+        its guidance interval "lo,hi" fourth where it has one; None without a grid."""
         if not self.sampling():
             return None
         rec = json.loads((self.work / "sampling.json").read_text())
         p = next(p for p in rec["points"] if p["settings"] == rec["chosen"])
-        return p["guidance_scale"], p["sampler"], p["steps"]
+        g, sampler, steps, interval = _grid_key(p)
+        return (g, sampler, steps, interval) if interval else (g, sampler, steps)
+
+    def val_accuracy_cell(self, key: str, x, y) -> float:
+        """Accuracy (%) on the held-out validation images of a ConvNet-3 trained on (x, y) under
+        the DC/DSA recipe, seed 0: the sampling choice's measure of a setting's IPC-10 set.
+        Cached under ``sampling/<key>-dc.json``; the test split plays no part."""
+        from ddfast.eval.protocol import evaluate
+
+        path = self.work / "sampling" / f"{key}-dc.json"
+        if path.is_file():
+            return json.loads(path.read_text())["acc_best"]
+        val_x, val_y, _ = self.validation()
+        log(f"[study] evaluate {key} on the validation images")
+        res = evaluate(x, y, val_x, val_y, networks=("convnet3",), repeats=1,
+                       epochs=self.scale.eval_epochs, protocol="dc", device=self.device, seed=0,
+                       flip=self.flip, progress=self.progress, dataset=self.dataset)
+        net = res["networks"]["convnet3"]
+        write_json(path, {"key": key, "against": "val", "protocol": "dc", "seed": 0,
+                          "ipc": res["ipc"], "acc_best": net["best_mean"],
+                          "acc_last": net["last_mean"], "epochs": res["epochs"],
+                          "seconds": res["seconds"]})
+        return net["best_mean"]
 
     def generator_study(self, name: str) -> Study:
         """The study of candidate generator ``name``: this study's scale, data and full-data

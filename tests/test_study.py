@@ -627,3 +627,46 @@ def test_a_candidates_own_study_runs_on_one_machine_and_is_evaluated_on_another(
                == ("ours-step", 10, "dc"))
     assert row["accuracy"]["mean"] == cell["acc_best"]
     assert (out / "generators" / name / "results.md").is_file()
+
+
+def test_sampling_chosen_by_held_out_accuracy_over_a_grid_with_an_interval(study_dir, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from ddfast.study_report import write_report
+
+    out = tmp_path / "study"
+    for part in ("base", "full"):  # the generator and the classifier; no sampling choice yet
+        shutil.copytree(study_dir / "work" / part, out / "work" / part)
+    study = Study("digits", "smoke", out)
+    grid = (*study.scale.sampling_grid, (4.0, "ddim", 5, "0,500"))
+    study.scale = replace(study.scale, sampling_grid=grid, sampling_criterion="accuracy",
+                          val_per_class=10)
+    chosen = study.sampling()
+    rec = json.loads((out / "work" / "sampling.json").read_text())
+    assert rec["criterion"].startswith("highest accuracy") and len(rec["points"]) == 3
+    for p in rec["points"]:  # each scored by its own cell on the held-out images
+        tag = f"-g{p['guidance_scale']:g}-{p['sampler']}{p['steps']}" + (
+            "-interval0-500" if p.get("interval") else "")
+        cell = json.loads((out / "work" / "sampling" / f"val{tag}-dc.json").read_text())
+        assert cell["against"] == "val" and cell["ipc"] == 10
+        assert p["val_accuracy"] == cell["acc_best"]
+    best = max(rec["points"], key=lambda p: (p["val_accuracy"], -p["fd"]))
+    assert chosen == best["settings"] == rec["chosen"]
+    inter = next(p for p in rec["points"] if p.get("interval"))
+    cfg = json.loads((out / "work" / "sampling-g4-ddim5-interval0-500" / "config.json")
+                     .read_text())
+    assert cfg["sample"]["guidance_interval"] == [0, 500]
+    assert inter["settings"]["sample.guidance_interval"] == "0,500"
+    # The first ten samples per class of a setting are its IPC-10 set (same image seeds).
+    point = study.sampling_point()
+    assert point[:3] == (best["guidance_scale"], best["sampler"], best["steps"])
+    assert (len(point) == 4) == bool(best.get("interval"))
+    write_report(study)
+    md = (out / "results.md").read_text()
+    assert "| interval |" in md and "held-out accuracy |" in md and "| 0-500 |" in md
+    # A criterion the study does not know is refused, naming the known ones.
+    study.scale = replace(study.scale, sampling_criterion="loss")
+    study._sampling = None
+    with pytest.raises(ConfigError, match="fd, accuracy"):
+        study.sampling()
