@@ -112,6 +112,13 @@ class Scale:
         return protocol != "small" or not self.small_ipc or ipc in self.small_ipc
 
 
+def _candidate(dit: str, patch: int, batch: int, lr: str, steps: int) -> dict:
+    """A candidate generator's overrides: a DiT preset, its patch size and its pretraining, in
+    bf16 autocast."""
+    return {"model.dit": dit, "model.patch_size": str(patch), "run.precision": "bf16",
+            "pretrain.batch_size": str(batch), "pretrain.lr": lr, "pretrain.steps": str(steps)}
+
+
 # By scale, then dataset. ``base`` holds the ddfast.train overrides of every run of the study.
 SCALES = {
     "full": {
@@ -146,30 +153,18 @@ SCALES = {
             # Candidate generators at about this one's training time (80 to 95 min of one core,
             # bf16 autocast): 4x the width, or 2x2 patches (196 tokens).
             generators={
-                "mini": {"model.dit": "mini", "model.patch_size": "4", "run.precision": "bf16",
-                         "pretrain.batch_size": "64", "pretrain.lr": "1e-3",
-                         "pretrain.steps": "7000"},
-                "micro-p2": {"model.dit": "micro", "model.patch_size": "2",
-                             "run.precision": "bf16", "pretrain.batch_size": "64",
-                             "pretrain.lr": "1e-3", "pretrain.steps": "4500"},
+                "mini": _candidate("mini", 4, 64, "1e-3", 7000),
+                "micro-p2": _candidate("micro", 2, 64, "1e-3", 4500),
                 # A GPU's minutes (bench/gpu-generators.sh), each several times the images
                 # the study's generator saw: the mini width on 3.1 M images, and DiT-S's depth
                 # and width (12 x 384) with 4x4 patches on 2 M.
-                "mini-gpu": {"model.dit": "mini", "model.patch_size": "4",
-                             "run.precision": "bf16", "pretrain.batch_size": "512",
-                             "pretrain.lr": "1e-3", "pretrain.steps": "6000"},
-                "s-gpu": {"model.dit": "S/2", "model.patch_size": "4", "run.precision": "bf16",
-                          "pretrain.batch_size": "512", "pretrain.lr": "5e-4",
-                          "pretrain.steps": "4000"},
+                "mini-gpu": _candidate("mini", 4, 512, "1e-3", 6000),
+                "s-gpu": _candidate("S/2", 4, 512, "5e-4", 4000),
                 # Neither moved the IPC-10 set by a point (71.9, 72.0 against 71.2): the next
                 # are finer patches (196 tokens of 4 pixels; DiT's own finding: patch size buys
                 # more than width) and twice mini-gpu's images (6.1 M, about 5 min of an H200).
-                "mini-p2-gpu": {"model.dit": "mini", "model.patch_size": "2",
-                                "run.precision": "bf16", "pretrain.batch_size": "512",
-                                "pretrain.lr": "1e-3", "pretrain.steps": "4000"},
-                "mini-gpu-long": {"model.dit": "mini", "model.patch_size": "4",
-                                  "run.precision": "bf16", "pretrain.batch_size": "512",
-                                  "pretrain.lr": "1e-3", "pretrain.steps": "12000"}},
+                "mini-p2-gpu": _candidate("mini", 2, 512, "1e-3", 4000),
+                "mini-gpu-long": _candidate("mini", 4, 512, "1e-3", 12000)},
             # Guidance 6 inside timesteps 80-580 only (sigma in about 0.28 to 5.4).
             generator_probes=(("-g6-interval80-580", {"sample.guidance_scale": "6",
                                                        "sample.guidance_interval": "80,580"}),),
@@ -370,17 +365,15 @@ class Study:
                    tag: str = "", ipc: tuple[int, ...] | None = None,
                    needs: str = "distilled") -> Path:
         """The run folder of one method and repeat (fine-tuned, then sampled at ``ipc``)."""
-        o = {"model.dit": str(self.work / "base" / "pretrained"), "run.seed": str(repeat),
-             "sample.seed": str(repeat), **self.sampling(),
+        o = {"run.seed": str(repeat), "sample.seed": str(repeat), **self.sampling(),
              "sample.ipc": ",".join(str(i) for i in (ipc or self.scale.ipc)),
              **method_overrides(method), **(extra or {})}
         if method == "ours-epoch" and self.scale.epoch_refreshes:
             from ddfast.train import finetune_steps
 
-            cfg = self.config("probe", o)
+            cfg = self.config("probe", o)  # the steps depend on the data, not the model
             steps = cfg.optim.steps or finetune_steps(cfg, self._training_images(cfg))
             o["memory.refresh_every"] = str(max(1, steps // self.scale.epoch_refreshes))
-        o.pop("model.dit")
         return self.from_pretrained(f"{method}{tag}-r{repeat}", o, needs=needs)
 
     def distilled(self, method: str, repeat: int, extra: dict | None = None,
@@ -391,15 +384,11 @@ class Study:
         """The distilled set of one of the scale's ``ipc_once`` IPCs: the model of the method's
         run (the from-scratch DiT for ``dit``) sampled at ``ipc`` with the same seeds."""
         name = f"{method}-r{repeat}-ipc{ipc}"
+        o = {"run.seed": str(repeat), "sample.seed": str(repeat), **self.sampling(),
+             "sample.ipc": str(ipc), "objective.method": "dit"}
         if method == "dit":
-            model = self.work / "base" / "pretrained"
-        else:
-            model = self.work / f"{method}-r{repeat}" / "model"
-        o = {"model.dit": str(model), "run.seed": str(repeat), "sample.seed": str(repeat),
-             **self.sampling(), "sample.ipc": str(ipc), "objective.method": "dit"}
-        if method == "dit":
-            o.pop("model.dit")
             return self.from_pretrained(name, o) / "distilled"
+        o["model.dit"] = str(self.work / f"{method}-r{repeat}" / "model")
         if not self.finished(name, o):
             self.method_run(method, repeat, needs="model")  # its model, computed if missing
         return self.train_run(name, o) / "distilled"
