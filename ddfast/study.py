@@ -281,7 +281,7 @@ class Study:
         if compile:  # like the device, not a setting that decides results (Config.digest)
             self.base["run.compile"] = "true"
         self.base["run.progress"] = "on" if progress else "off"
-        self._data = self._real = self._full = self._test_f = self._val = None
+        self._data = self._real = self._full = self._test_f = self._val = self._means = None
         self._pool = None
         self._sampling = None
         # Compute runs, not evaluations (``--runs-only``): the classifier cells and the test-split
@@ -525,6 +525,13 @@ class Study:
         folder = "quality" if against == "test" else "sampling"
         path = self.work / folder / f"{key}.json"
         if path.is_file():
+            cell = json.loads(path.read_text())
+            if "facing" in cell:
+                return cell
+            # A cell measured before the facing measure existed: the one missing value is
+            # added (the images are at hand), the others are kept as they were.
+            log(f"[study] quality {key}: adding which way its items face")
+            write_json(path, {**cell, "facing": self.facing(x, y)})
             return json.loads(path.read_text())
         if self.runs_only and against == "test":
             return None
@@ -532,9 +539,22 @@ class Study:
         _, model = self.full_classifier()
         ref = self.test_features() if against == "test" else self.validation()[2]
         cell = {"key": key, "against": against, "per_class": int(torch.bincount(y).min()),
-                **quality(model, self._normalised(x), y, ref)}
+                **quality(model, self._normalised(x), y, ref), "facing": self.facing(x, y)}
         write_json(path, cell)
         return cell
+
+    def facing(self, x, y) -> dict:
+        """Which way the items of x (labels y) face (``mirror_agreement`` against the training
+        split's class means): the mean over classes, and each class's fraction."""
+        from ddfast.eval.quality import class_means, mirror_agreement
+
+        if self._means is None:
+            train, _, _ = self.data()
+            self._means = class_means(train.images(range(len(train))), train.labels,
+                                      len(train.class_names))
+        per_class = mirror_agreement(x, y, self._means)
+        return {"mean": sum(per_class.values()) / len(per_class),
+                "per_class": {str(c): v for c, v in per_class.items()}}
 
     def validation(self):
         """The held-out training images (the last ``holdout`` of each class, never trained on

@@ -285,13 +285,16 @@ def generator_lines(res: dict) -> list[str]:
     lines = ["Candidate generators (`--generators`), each trained from scratch here and sampled "
              "at the study's chosen setting without fine-tuning: its samples against the "
              "held-out images (Fréchet distance, precision, recall, coverage, fidelity %), and "
-             f"its IPC-{EXACT_IPC} set (seed 0) under the DC/DSA recipe: accuracy (%), one run."
+             f"its IPC-{EXACT_IPC} set (seed 0): which way its items face (the mean over "
+             "classes of the fraction that correlate better with their real class mean than "
+             "with its mirror image; real images about 0.8, a set drawn facing either way 0.5) "
+             "and its accuracy (%) under the DC/DSA recipe, one run."
              + (" The last columns draw the same set at each probe setting (`--probes`): "
                 "measured on the test split, so shown, never chosen from." if probes else ""),
              "", "| generator | parameters | pretraining | min | held-out FD | precision | recall "
-             f"| coverage | fidelity | IPC {EXACT_IPC} accuracy |"
+             f"| coverage | fidelity | facing | IPC {EXACT_IPC} accuracy |"
              + "".join(f" at {_probe_label(t)} |" for t in probes),
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(probes)]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(probes)]
     for g in res["generators"]:
         st = g.get("settings")
         what = ("not run" if st is None else
@@ -304,6 +307,8 @@ def generator_lines(res: dict) -> list[str]:
         val = (["-"] * 5 if v is None else
                [f"{v['fd']:.3g}", f"{v['precision']:.3f}", f"{v['recall']:.3f}",
                 f"{v['coverage']:.3f}", f"{v['fidelity']:.1f}"])
+        face = ((g.get("quality") or {}).get("facing") or {}).get("mean")
+        val.append("-" if face is None else f"{face:.2f}")
         acc = "not run" if g["accuracy"] is None else f"{g['accuracy']:.1f}"
         at = "".join(" not run |" if (g.get("probes") or {}).get(t) is None
                      else f" {g['probes'][t]:.1f} |" for t in probes)
@@ -517,16 +522,21 @@ def markdown(res: dict) -> str:
         lines += ["", "Sample quality in the full-data ConvNet-3's features against every test "
                   "image: fidelity (the classifier's accuracy on the images, %), Fréchet "
                   "distance (lower is closer), precision, recall and coverage (k = 5). Sets of "
-                  "equal size compare; `random real` is the first images of each class.", "",
+                  "equal size compare; `random real` is the first images of each class. "
+                  "Facing: the fraction of items that correlate better with their real class "
+                  "mean than with its mirror image (mean over classes; 0.5 for a set drawn "
+                  "facing either way).", "",
                   "| set | images | fidelity | Fréchet distance | precision | recall | "
-                  "coverage |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "coverage | facing |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for c in res["quality"]:
             m = _quality_method(c["key"])
             what = "a sample of the generator" if m == "dit" and "-r" not in c["key"] else (
                 "the distilled set, repeat 0" if m != "random" else "real")
             label = f"{LABELS.get(m, m)}, IPC {c['per_class']} ({what})"
+            face = (c.get("facing") or {}).get("mean")
             lines.append(f"| {label} | {c['n']} | {c['fidelity']:.1f} | {c['fd']:.3g} | "
-                         f"{c['precision']:.3f} | {c['recall']:.3f} | {c['coverage']:.3f} |")
+                         f"{c['precision']:.3f} | {c['recall']:.3f} | {c['coverage']:.3f} | "
+                         + ("-" if face is None else f"{face:.2f}") + " |")
     if res.get("mechanism"):
         lines += ["", "The memories at the end of fine-tuning (mean over repeats): mean pairwise "
                   "cosine of the real / generated memory (lower is more diverse), and where "

@@ -116,3 +116,49 @@ def test_bad_features_are_named():
         Q.precision_recall_coverage(real, real[:5])
     with pytest.raises(ValueError, match="one label per image"):
         Q.fidelity(_Pick(), torch.zeros(3, 1, 2, 2), torch.zeros(2, dtype=torch.long))
+
+
+def test_class_means_match_a_loop():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (9000, 1, 4, 4), generator=g, dtype=torch.uint8)  # 3 chunks
+    y = torch.randint(0, 3, (9000,), generator=g)
+    m = Q.class_means(x, y, 4)
+    for c in range(3):
+        assert torch.allclose(m[c], x[y == c].double().mean(0), rtol=0, atol=1e-9)
+    assert torch.isnan(m[3]).all()  # no images of class 3
+
+
+def test_mirror_agreement_on_fashion_mnist_shoes():
+    """Fashion-MNIST's shoes face one way: the test split agrees with the training split's class
+    means, its mirror images disagree, and a half-mirrored set sits near one half."""
+    from ddfast.data.sources import open_source
+
+    try:
+        train, test = open_source("fashion-mnist", "train"), open_source("fashion-mnist", "test")
+    except Exception as exc:  # the data is part of the test environment (.ci/run installs it)
+        pytest.fail(f"Fashion-MNIST is needed: {exc}")
+    means = Q.class_means(train.images(range(len(train))), train.labels, 10)
+    shoes = (test.labels == 5) | (test.labels == 7) | (test.labels == 9)  # sandal, sneaker, boot
+    idx = torch.nonzero(shoes).flatten()[:600]
+    x, y = test.images(idx), test.labels[idx]
+    real = Q.mirror_agreement(x, y, means)
+    assert set(real) == {5, 7, 9} and min(real.values()) > 0.9
+    mirrored = Q.mirror_agreement(x.flip(-1), y, means)
+    for c in real:  # each image's two correlations swap places
+        assert mirrored[c] < 0.1
+    half = (torch.arange(len(idx)) % 2 == 1).view(-1, 1, 1, 1)
+    mixed = Q.mirror_agreement(torch.where(half, x.flip(-1), x), y, means)
+    assert all(0.35 < v < 0.65 for v in mixed.values())
+    # Brightness does not count: a darker, shifted copy faces the same way.
+    assert Q.mirror_agreement(0.5 * x.double() + 40, y, means) == real
+
+
+def test_mirror_agreement_bad_input():
+    x, means = torch.rand(4, 1, 8, 8), torch.rand(1, 1, 8, 8)
+    zeros = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="one label per image"):
+        Q.mirror_agreement(x, zeros[:3], means)
+    with pytest.raises(ValueError, match="image shapes differ"):
+        Q.mirror_agreement(x, zeros, torch.rand(1, 1, 6, 6))
+    with pytest.raises(ValueError, match="class 1 has no real mean"):
+        Q.mirror_agreement(x, zeros + 1, means)

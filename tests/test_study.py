@@ -106,8 +106,31 @@ def test_quality_cells_measure_the_sets_they_name(study_dir):
     assert real["fd"] == pytest.approx(frechet_distance(features(model, xn), test_f), rel=1e-9)
     for c in res["quality"]:
         assert 0 <= c["precision"] <= 1 and 0 <= c["recall"] <= 1 and 0 <= c["coverage"] <= 1
+    # Which way the real items face, recomputed against the training split's class means.
+    from ddfast.eval.quality import class_means, mirror_agreement
+
+    train = study.data()[0]
+    per = mirror_agreement(x, y, class_means(train.images(range(len(train))), train.labels, 10))
+    assert real["facing"]["per_class"] == pytest.approx({str(c): v for c, v in per.items()})
+    assert real["facing"]["mean"] == pytest.approx(sum(per.values()) / 10)
     md = (study_dir / "results.md").read_text()
     assert f"| DiT (no fine-tune), IPC {q} (a sample of the generator) | {10 * q} |" in md
+    assert f"| {real['coverage']:.3f} | {real['facing']['mean']:.2f} |" in md
+
+
+def test_a_quality_cell_without_facing_gains_it_and_keeps_the_rest(study_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(study_dir, out)
+    path = out / "work" / "quality" / "random-ipc8.json"
+    cell = json.loads(path.read_text())
+    old = {k: v for k, v in cell.items() if k != "facing"}
+    path.write_text(json.dumps(old))  # as a cell measured before the measure existed
+    study = Study("digits", "smoke", out)
+    x, y = study.method_set("random", 0, 8)
+    got = study.quality_cell("random-ipc8", x, y)
+    assert got == json.loads(path.read_text()) == {**old, "facing": cell["facing"]}
 
 
 def test_sampling_is_chosen_on_held_out_images_and_used_by_every_set(study_dir):
