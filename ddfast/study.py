@@ -729,6 +729,14 @@ class Study:
                   for tag, _ in sub.scale.generator_probes)]
         if all(k.is_file() for k in keys) and (not sub.scale.sampling_grid
                                                or (sub.work / "sampling.json").is_file()):
+            folder = sub.work / "dit-r0" / "distilled"
+            if "facing" not in json.loads(keys[1].read_text()) and folder.is_dir():
+                # A cell measured before the facing measure: read from the set on disk, the
+                # run's settings unchecked (a candidate trained elsewhere may name its paths).
+                from ddfast.eval.protocol import load_folder_set
+
+                x, y, _ = load_folder_set(folder, ipc=EXACT_IPC)
+                sub.quality_cell(f"dit-r0-ipc{EXACT_IPC}", x, y)
             return
         log(f"[study] generator {name}: {self.scale.generators[name]}")
         sub.sampling()

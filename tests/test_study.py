@@ -557,6 +557,15 @@ def test_a_candidate_generator_is_measured_in_a_study_of_its_own(study_dir, tmp_
     before = {p: p.stat().st_mtime_ns for p in sub.rglob("*.json")}
     assert main([*args, "--generators", "all"]) == 0
     assert {p: p.stat().st_mtime_ns for p in sub.rglob("*.json")} == before
+    # A candidate's quality cell from before the facing measure gains it from the set on disk,
+    # with the candidate's weights gone (trained elsewhere) and its other values kept.
+    qpath = sub / "quality" / "dit-r0-ipc10.json"
+    cell = json.loads(qpath.read_text())
+    assert 0 <= cell["facing"]["mean"] <= 1
+    qpath.write_text(json.dumps({k: v for k, v in cell.items() if k != "facing"}))
+    shutil.rmtree(sub / "base" / "pretrained")
+    assert main([*args, "--generators", name]) == 0
+    assert json.loads(qpath.read_text()) == cell
     capsys.readouterr()
     assert main([*args, "--generators", f"{name},nope"]) == 2
     err = capsys.readouterr().err
