@@ -30,7 +30,7 @@ class DataConfig:
     channels: int = 0  # image channels; 0 = the source's own (1 for digits/fashion-mnist, else 3)
     max_per_class: int = 0  # keep at most this many training images per class; 0 = all
     holdout: int = 0  # the last N training images of each class: a validation split, unseen
-    hflip: bool = True  # random horizontal flips in training (off for digits)
+    hflip: bool = True  # random horizontal flips in training (off for digits, Fashion-MNIST)
     cache_dir: str = ""  # latent cache folder; "" = $DDFAST_CACHE or ~/.cache/ddfast
     encode_batch_size: int = 32  # images per VAE forward when building the latent cache
 
@@ -225,7 +225,9 @@ PRESETS: dict[str, Config] = {
     # Fashion-MNIST from its IDX files (Debian's dataset-fashion-mnist, or any folder).
     "fashion-mnist": Config(
         preset="fashion-mnist",
-        data=DataConfig(source="fashion-mnist"),
+        # No mirrored training images: its shoes all face one way (a generator trained on
+        # flips draws half of them mirrored, and its samples lie farther from held-out images).
+        data=DataConfig(source="fashion-mnist", hflip=False),
         model=ModelConfig(dit="tiny", vae="none"),
         pretrain=PretrainConfig(steps=20000, lr=1e-3, batch_size=128, ema_decay=0.999),
         optim=OptimConfig(batch_size=64, epochs=1, ema_decay=0.999),
