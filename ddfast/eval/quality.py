@@ -168,7 +168,7 @@ def mirror_agreement(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor) -> d
     average), so brightness does not count.
 
     Real images of a class with a side score near 1 (Fashion-MNIST's sandals, sneakers and ankle
-    boots: 0.94 to 1.00), their mirror images near 0, and a set drawn facing either way at random
+    boots: 0.93 to 1.00), their mirror images near 0, and a set drawn facing either way at random
     about 0.5. For a class that is symmetric on average the two correlations nearly tie and the
     fraction says little.
     """
