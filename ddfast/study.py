@@ -542,8 +542,9 @@ class Study:
             # A cell measured before the facing measure existed: the one missing value is
             # added (the images are at hand), the others are kept as they were.
             log(f"[study] quality {key}: adding which way its items face")
-            write_json(path, {**cell, "facing": self.facing(x, y)})
-            return json.loads(path.read_text())
+            cell["facing"] = self.facing(x, y)
+            write_json(path, cell)
+            return cell
         if self.runs_only and against == "test":
             return None
         log(f"[study] quality {key} against the {against} images")
