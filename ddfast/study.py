@@ -92,6 +92,13 @@ class Scale:
     # class's most confident images). What the best generator sampled this way can score.
     exact_guidance: tuple[float, ...] = ()
     exact_draws: int = 3
+    # The generator's closest samples at IPC 10 (DC/DSA recipe, computed with ``dit``): from a
+    # pool of ``matched_pool`` samples per class of the from-scratch model (the chosen sampling
+    # setting, repeat 0's seeds), for each image of the random-real set the nearest sample not
+    # yet taken (full-data classifier features). A set chosen with the real images' help, so a
+    # measurement, not a method: what this generator's samples can score when they stand as
+    # close as they can to real images, against what real images score. 0: not computed.
+    matched_pool: int = 0
     # Candidate generators (name -> overrides of ``base``), each trained from scratch in a study
     # of its own under ``<out>/generators/<name>`` and judged by this study's measures: its
     # samples at the chosen sampling setting against the held-out images, and its IPC-10 set
@@ -149,7 +156,7 @@ SCALES = {
             full_epochs=4, full_batch=64,
             ablations=False, holdout=500, val_per_class=50, ipc_once=(50,),
             lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
-            exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3,
+            exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3, matched_pool=200,
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddim", 50), (2.0, "ddpm", 25), (2.0, "ddpm", 100)),
@@ -190,7 +197,7 @@ SCALES = {
                         ablations=True, eval_epochs=2, sweep=(4.0,), quality_per_class=8,
                         ipc_once=(20,), epoch_refreshes=2,
                         holdout=5, val_per_class=6, lambda_g_factors=(0.0, 100.0),
-                        exact_guidance=(2.0, math.inf), exact_draws=2,
+                        exact_guidance=(2.0, math.inf), exact_draws=2, matched_pool=12,
                         sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)),
                         generators={"longer": {"pretrain.steps": "40"}},
                         generator_probes=(("-g4-interval0-500",
@@ -605,6 +612,21 @@ class Study:
         pick = idx[exact_draw(own, y, ipc, guidance, draw, len(train.class_names))]
         return train.images(pick.tolist()), labels[pick]
 
+    def matched_set(self):
+        """(images, labels) of the generator's closest samples (see ``Scale.matched_pool``),
+        in the order of the random-real set they match."""
+        from ddfast.eval.protocol import load_folder_set
+        from ddfast.eval.quality import nearest_matches
+
+        n = self.scale.matched_pool
+        px, py, _ = load_folder_set(self.resampled("dit", 0, n), ipc=n)
+        rx, ry = self.method_set("random", 0, EXACT_IPC)
+        pick = nearest_matches(self._features(rx), ry, self._features(px), py)
+        return px[pick], py[pick]
+
+    def matched_key(self, repeat: int) -> str:
+        return f"matched-p{self.scale.matched_pool}-r{repeat}-ipc{EXACT_IPC}-dc"
+
     def exact_points(self):
         """(guidance, draw, cell key) of every exact-generator cell of this scale."""
         for g in self.scale.exact_guidance:
@@ -838,6 +860,12 @@ class Study:
             for g, d, key in self.exact_points():
                 x, y = self.exact_set(g, d)
                 self.evaluate_cell(key, x, y, "dc", d)
+        if "dit" in methods and s.matched_pool and EXACT_IPC in wanted and EXACT_IPC in s.ipc:
+            keys = [self.matched_key(r) for r in range(s.repeats)]
+            if not all((self.work / "evals" / f"{k}.json").is_file() for k in keys):
+                x, y = self.matched_set()
+                for r, key in enumerate(keys):  # one set, a classifier seed per repeat
+                    self.evaluate_cell(key, x, y, "dc", r)
         for ipc in (i for i in s.ipc_once if i in wanted):  # the costliest, after the others
             for method in methods:
                 x, y = self.method_set(method, 0, ipc)

@@ -84,6 +84,7 @@ def collect(study) -> dict:
     sampling_path = study.work / "sampling.json"
     return {
         "exact": exact(study),
+        "matched": matched(study),
         "generators": generators(study),
         "probes": probes(study),
         "lambda_g": lambda_g_sweep(study),
@@ -101,7 +102,7 @@ def collect(study) -> dict:
                      "epoch_refreshes": s.epoch_refreshes,
                      "exact_guidance": [str(g) if g == float("inf") else g
                                         for g in s.exact_guidance],
-                     "exact_draws": s.exact_draws},
+                     "exact_draws": s.exact_draws, "matched_pool": s.matched_pool},
         "device": device_name(study.device), "torch": torch.__version__,
         # The CPU threads of each evaluation (cells from before this was recorded carry none).
         "eval_threads": threads,
@@ -146,6 +147,18 @@ def exact(study) -> list[dict]:
                     "coverage": _stats(cells, "coverage"),
                     "repeats": [c["acc_best"] for c in cells]})
     return out
+
+
+def matched(study) -> dict | None:
+    """The generator's closest samples (``Scale.matched_pool``; IPC 10, DC/DSA recipe): one
+    set, a classifier seed per repeat. None where the scale has no pool."""
+    if not study.scale.matched_pool:
+        return None
+    cells = [json.loads(p.read_text()) for r in range(study.scale.repeats)
+             if (p := study.work / "evals" / f"{study.matched_key(r)}.json").is_file()]
+    return {"pool": study.scale.matched_pool, "runs": study.scale.repeats,
+            "accuracy": _stats(cells), "pairwise": _stats(cells, "pairwise"),
+            "coverage": _stats(cells, "coverage"), "repeats": [c["acc_best"] for c in cells]}
 
 
 def lambda_g_sweep(study) -> list[dict]:
@@ -401,8 +414,10 @@ def exact_lines(res: dict) -> list[str]:
              "them under classifier-free guidance g, from p(x|c) p(c|x)^(g-1) with p(c|x) the "
              "full-data ConvNet-3's softmax; g = inf takes each class's most confident images. "
              "Mean [min, max] over the draws, one evaluation each (k of n where only k have "
-             "run); below them, the study's own sets of the same IPC and recipe over their "
-             "repeats.", "",
+             "run); then, where the scale draws a pool for it, the generator's closest "
+             "samples (a set picked with the real images' help: a measurement of the "
+             "generator, not a method); below them, the study's own sets of the same IPC and "
+             "recipe over their repeats.", "",
              "| set | runs | accuracy | pairwise | coverage |", "|---|---:|---:|---:|---:|"]
     for p in res["exact"]:
         acc = p["accuracy"]
@@ -415,6 +430,15 @@ def exact_lines(res: dict) -> list[str]:
             else ""
         count = f" ({acc['n']} of {p['draws']})" if short else ""
         lines.append(f"| exact generator, guidance {label}{note} | {p['draws']} | {_fmt(acc)}"
+                     f"{count} | {pw} | {cov} |")
+    m = res.get("matched")
+    if m:
+        acc = m["accuracy"]
+        pw = "-" if m["pairwise"] is None else f"{m['pairwise']['mean']:.4f}"
+        cov = "-" if m["coverage"] is None else f"{m['coverage']['mean']:.3f}"
+        count = f" ({acc['n']} of {m['runs']})" if acc is not None and acc["n"] < m["runs"] else ""
+        lines.append(f"| the generator's closest samples: for each random-real image, the "
+                     f"nearest of {m['pool']} per class (one set) | {m['runs']} | {_fmt(acc)}"
                      f"{count} | {pw} | {cov} |")
     for r in res["rows"]:
         if (r["protocol"], r["ipc"]) == ("dc", EXACT_IPC) and r["accuracy"] is not None:
@@ -483,7 +507,7 @@ def markdown(res: dict) -> str:
             cov = "-" if r["coverage"] is None else f"{r['coverage']['mean']:.3f}"
             cells.append(f"{pw} / {cov}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    if res.get("exact"):
+    if res.get("exact") or res.get("matched"):
         lines += ["", *exact_lines(res)]
     if res.get("generators"):
         lines += ["", *generator_lines(res)]
@@ -766,6 +790,14 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
         if d == 0 and (study.work / "evals" / f"{key}.json").is_file():
             x, _ = study.exact_set(g, 0)
             paths.append(_write_grid(out / "grids" / f"exact-g{g:g}.png", x, EXACT_IPC))
+    path = out / "grids" / "matched.png"
+    if study.scale.matched_pool and (study.work / "evals" / f"{study.matched_key(0)}.json") \
+            .is_file():
+        pool = study.work / f"dit-r0-ipc{study.scale.matched_pool}" / "distilled"
+        if (pool / "manifest.json").is_file():  # the pool is not committed: the grid stays
+            paths.append(_write_grid(path, study.matched_set()[0], EXACT_IPC))
+        elif path.is_file():
+            paths.append(path)
     return paths
 
 

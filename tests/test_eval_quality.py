@@ -162,3 +162,46 @@ def test_mirror_agreement_bad_input():
         Q.mirror_agreement(x, zeros, torch.rand(1, 1, 6, 6))
     with pytest.raises(ValueError, match="class 1 has no real mean"):
         Q.mirror_agreement(x, zeros + 1, means)
+
+
+def _matches_loop(query, qy, pool, py):
+    taken, out = set(), []
+    for q, c in zip(query, qy.tolist(), strict=True):
+        free = [j for j in range(pool.shape[0]) if py[j] == c and j not in taken]
+        j = min(free, key=lambda j: (_dist(q, pool[j]), j))
+        taken.add(j)
+        out.append(j)
+    return out
+
+
+def test_nearest_matches_on_real_digits_find_each_image_in_a_shuffled_pool():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.data, dtype=torch.float32)
+    y = torch.as_tensor(d.target)
+    query, qy = x[:60], y[:60]
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(400, generator=g)
+    pool, py = x[:400][order], y[:400][order]  # the query images among 340 others, shuffled
+    got = Q.nearest_matches(query, qy, pool, py)
+    assert torch.equal(pool[got], query) and torch.equal(py[got], qy)
+    # Without the query images themselves: the greedy one-to-one matching of a loop.
+    pool, py = x[60:400], y[60:400]
+    got = Q.nearest_matches(query, qy, pool, py)
+    assert got.tolist() == _matches_loop(query, qy, pool, py)
+    assert len(set(got.tolist())) == 60 and torch.equal(py[got], qy)
+
+
+def test_nearest_matches_take_each_pool_item_once_in_query_order():
+    pool = torch.tensor([[0.0], [1.0], [5.0], [0.2]])
+    py = torch.tensor([0, 0, 0, 1])
+    # Both class-0 queries lie nearest item 0: the first takes it, the second the next nearest;
+    # the class-1 query may only take the class-1 item, however far.
+    got = Q.nearest_matches(torch.tensor([[0.1], [0.0], [0.0]]), torch.tensor([0, 0, 1]),
+                            pool, py)
+    assert got.tolist() == [0, 1, 3]
+    with pytest.raises(ValueError, match="class 1: the pool holds 1 items for 2 queries"):
+        Q.nearest_matches(torch.zeros(2, 1), torch.tensor([1, 1]), pool, py)
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        Q.nearest_matches(torch.zeros(1, 2), torch.tensor([0]), pool, py)

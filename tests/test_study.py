@@ -47,7 +47,7 @@ def test_results_are_read_from_the_cells(study_dir):
     for rel in res["plots"] + res["grids"]:
         assert (study_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(res["grids"]) == (len(METHODS) + len(scale.lambda_g_factors)
-                                 + len(scale.exact_guidance))
+                                 + len(scale.exact_guidance) + 1)  # + the closest samples
     # the lambda_g sweep: the default and each factor, every row read from its cell and sets
     sweep = res["lambda_g"]
     default = 0.008
@@ -429,7 +429,7 @@ def test_a_report_without_a_runs_distilled_set_keeps_its_grid(study_dir, tmp_pat
     assert "grids/dit.png" in res["grids"] and grid.read_bytes() == before
     scale = SCALES["smoke"]["digits"]
     assert len(res["grids"]) == (len(METHODS) + len(scale.lambda_g_factors)
-                                 + len(scale.exact_guidance))
+                                 + len(scale.exact_guidance) + 1)  # + the closest samples
     assert not (out / "work" / "dit-r0" / "distilled").exists()  # nothing was sampled again
 
 
@@ -458,6 +458,37 @@ def test_the_exact_draw_weighs_each_item_by_its_class_probability_to_the_guidanc
             assert ((counts[members].double() - expect).abs() <= 5 * sd + 1).all(), (g, c)
     with pytest.raises(ConfigError, match="fewer than IPC 5"):
         exact_draw(own, labels, 5, 2.0, 0, 2)
+
+
+def test_the_generators_closest_samples_are_pool_samples_nearest_the_random_real_set(study_dir):
+    from ddfast.eval.protocol import load_folder_set
+
+    study = Study("digits", "smoke", study_dir)
+    res = study.report()
+    n = study.scale.matched_pool
+    cells = [_cell(study_dir, f"matched-p{n}-r{r}-ipc10-dc") for r in range(study.scale.repeats)]
+    assert res["matched"]["pool"] == n and res["matched"]["repeats"] == [c["acc_best"]
+                                                                          for c in cells]
+    assert "the generator's closest samples" in (study_dir / "results.md").read_text()
+    x, y = study.matched_set()
+    px, py, _ = load_folder_set(study_dir / "work" / f"dit-r0-ipc{n}" / "distilled", ipc=n)
+    rx, ry = study.method_set("random", 0, 10)
+    assert torch.equal(y, ry)  # in the random-real set's order
+    # Every image is a pool sample of its class, none twice; the first real image of each class
+    # got the pool sample nearest it in the full-data classifier's features.
+    flat = px.flatten(1)
+    hits = [int((flat == img.flatten()).all(1).nonzero()[0]) for img in x]
+    assert len(set(hits)) == len(hits) and torch.equal(py[hits], y)
+    pf, rf = study._features(px), study._features(rx)
+    for c in range(10):
+        first = int((ry == c).nonzero()[0])
+        members = (py == c).nonzero().flatten()
+        d = torch.cdist(rf[first:first + 1].double(), pf[members].double())[0]
+        assert torch.equal(px[members[d.argmin()]], x[first])
+    # Its samples are the from-scratch model's at the study's setting, repeat 0's seeds: the
+    # first ten of each class are the dit set of repeat 0.
+    first10 = torch.cat([px[py == c][:10] for c in range(10)])
+    assert torch.equal(first10, study.method_set("dit", 0, 10)[0])
 
 
 def test_the_exact_generator_reference_is_drawn_from_the_training_pool(study_dir):

@@ -188,3 +188,30 @@ def mirror_agreement(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor) -> d
         same, mirrored = a @ m.flatten(), a @ m.flip(-1).flatten()
         out[c] = float((same > mirrored).double().mean())
     return out
+
+
+def nearest_matches(query: torch.Tensor, query_y: torch.Tensor, pool: torch.Tensor,
+                    pool_y: torch.Tensor) -> torch.Tensor:
+    """(q,) index into ``pool`` (p, F), labels ``pool_y``, of each row of ``query`` (q, F),
+    labels ``query_y``, taken in order: the nearest (Euclidean) pool row of the same class that
+    no earlier query row has taken. A greedy one-to-one matching: the set of pool items that
+    stands closest, item by item, to a given set."""
+    _check("query features", query)
+    _check("pool features", pool)
+    if query.shape[1] != pool.shape[1]:
+        raise ValueError(f"feature sizes differ: query {query.shape[1]}, pool {pool.shape[1]}")
+    if query.shape[0] != query_y.shape[0] or pool.shape[0] != pool_y.shape[0]:
+        raise ValueError("need one label per feature row, for the query and for the pool")
+    out = torch.empty(query.shape[0], dtype=torch.long)
+    for c in torch.unique(query_y).tolist():
+        rows = (query_y == c).nonzero().flatten()
+        members = (pool_y == c).nonzero().flatten()
+        if members.numel() < rows.numel():
+            raise ValueError(f"class {c}: the pool holds {members.numel()} items for "
+                             f"{rows.numel()} queries; draw a larger pool")
+        d = torch.cdist(query[rows].double(), pool[members].double())  # (q_c, p_c)
+        for i in range(rows.numel()):
+            j = int(d[i].argmin())
+            out[rows[i]] = members[j]
+            d[:, j] = float("inf")
+    return out
