@@ -403,6 +403,13 @@ def _fmt(stat: dict | None, digits: int = 1) -> str:
     return f"{stat['mean']:.{digits}f} [{stat['min']:.{digits}f}, {stat['max']:.{digits}f}]"
 
 
+def _diversity(row: dict) -> tuple[str, str]:
+    """A row's mean pairwise cosine distance and coverage over its cells, "-" where none ran."""
+    pw = "-" if row["pairwise"] is None else f"{row['pairwise']['mean']:.4f}"
+    cov = "-" if row["coverage"] is None else f"{row['coverage']['mean']:.3f}"
+    return pw, cov
+
+
 def exact_lines(res: dict) -> list[str]:
     """The exact-generator table, with the random-real and generated rows of the same IPC and
     recipe beside it."""
@@ -422,8 +429,7 @@ def exact_lines(res: dict) -> list[str]:
     for p in res["exact"]:
         acc = p["accuracy"]
         short = acc is not None and acc["n"] < p["draws"]
-        pw = "-" if p["pairwise"] is None else f"{p['pairwise']['mean']:.4f}"
-        cov = "-" if p["coverage"] is None else f"{p['coverage']['mean']:.3f}"
+        pw, cov = _diversity(p)
         g, study_g = p["guidance"], chosen.get("sample.guidance_scale")
         label = "inf" if g == "inf" else f"{g:g}"
         note = " (the study's)" if g != "inf" and study_g is not None and float(study_g) == g \
@@ -434,16 +440,14 @@ def exact_lines(res: dict) -> list[str]:
     m = res.get("matched")
     if m:
         acc = m["accuracy"]
-        pw = "-" if m["pairwise"] is None else f"{m['pairwise']['mean']:.4f}"
-        cov = "-" if m["coverage"] is None else f"{m['coverage']['mean']:.3f}"
+        pw, cov = _diversity(m)
         count = f" ({acc['n']} of {m['runs']})" if acc is not None and acc["n"] < m["runs"] else ""
         lines.append(f"| the generator's closest samples: for each random-real image, the "
                      f"nearest of {m['pool']} per class (one set) | {m['runs']} | {_fmt(acc)}"
                      f"{count} | {pw} | {cov} |")
     for r in res["rows"]:
         if (r["protocol"], r["ipc"]) == ("dc", EXACT_IPC) and r["accuracy"] is not None:
-            pw = "-" if r["pairwise"] is None else f"{r['pairwise']['mean']:.4f}"
-            cov = "-" if r["coverage"] is None else f"{r['coverage']['mean']:.3f}"
+            pw, cov = _diversity(r)
             lines.append(f"| {LABELS[r['method']]} | {r['accuracy']['n']} | "
                          f"{_fmt(r['accuracy'])} | {pw} | {cov} |")
     return lines
@@ -503,8 +507,7 @@ def markdown(res: dict) -> str:
         cells = []
         for i in ipcs:
             r = next(r for r in dc if r["method"] == method and r["ipc"] == i)
-            pw = "-" if r["pairwise"] is None else f"{r['pairwise']['mean']:.4f}"
-            cov = "-" if r["coverage"] is None else f"{r['coverage']['mean']:.3f}"
+            pw, cov = _diversity(r)
             cells.append(f"{pw} / {cov}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if res.get("exact") or res.get("matched"):
@@ -588,9 +591,9 @@ def markdown(res: dict) -> str:
         real = next((r for r in res["rows"] if (r["protocol"], r["method"], r["ipc"])
                      == ("dc", "random", 10)), None)
         if real and real["accuracy"]:
-            pw = "-" if real["pairwise"] is None else f"{real['pairwise']['mean']:.4f}"
+            pw, cov = _diversity(real)
             lines.append(f"| random real (same recipe) | {_fmt(real['accuracy'])} | {pw} | "
-                         f"{real['coverage']['mean']:.3f} | - |")
+                         f"{cov} | - |")
     if res["ablations"]:
         lines += ["", "Ablations (ours, adaptive per step, IPC 10, DC/DSA recipe): accuracy (%) "
                   "mean [min, max]; the default is in bold.", ""]
@@ -794,7 +797,7 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
     if study.scale.matched_pool and (study.work / "evals" / f"{study.matched_key(0)}.json") \
             .is_file():
         pool = study.work / f"dit-r0-ipc{study.scale.matched_pool}" / "distilled"
-        if (pool / "manifest.json").is_file():  # the pool is not committed: the grid stays
+        if (pool / "manifest.json").is_file():  # else (pool not on disk) the grid stays
             paths.append(_write_grid(path, study.matched_set()[0], EXACT_IPC))
         elif path.is_file():
             paths.append(path)
