@@ -177,11 +177,12 @@ def prepare_run_dir(out: Path, *, config_json: str, resume: bool, overwrite: boo
 
 def _with_later_keys(config: dict) -> dict:
     """A config written before some settings existed, with them at the value that reproduces
-    what it did then (``LATER_KEYS``): a run of an older version resumes."""
+    what it did then (``LATER_KEYS``), as JSON writes it (a tuple as a list): a run of an older
+    version resumes."""
     for key, neutral in LATER_KEYS.items():
         section, name = key.split(".")
         if isinstance(config.get(section), dict):
-            config[section].setdefault(name, neutral)
+            config[section].setdefault(name, json.loads(json.dumps(neutral)))
     return config
 
 

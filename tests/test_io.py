@@ -45,10 +45,12 @@ def test_run_folder_needs_resume_or_overwrite(tmp_path):
 
 def test_a_run_written_before_a_setting_existed_resumes_at_its_neutral_value(tmp_path):
     out = tmp_path / "old"
-    old = {"data": {"source": "digits"}, "memory": {"timing": "epoch"}}  # no holdout, no refresh
+    # no holdout, no refresh, no guidance interval (a tuple setting, written as a JSON list)
+    old = {"data": {"source": "digits"}, "memory": {"timing": "epoch"}, "sample": {"steps": 50}}
     prepare_run_dir(out, config_json=json.dumps(old), resume=False, overwrite=False)
     now = {"data": {"source": "digits", "holdout": 0},
-           "memory": {"timing": "epoch", "refresh_every": 0}}
+           "memory": {"timing": "epoch", "refresh_every": 0},
+           "sample": {"steps": 50, "guidance_interval": []}}
     assert prepare_run_dir(out, config_json=json.dumps(now), resume=True, overwrite=False)
     now["memory"]["refresh_every"] = 5  # not what the old run did
     with pytest.raises(OutputError, match="memory.refresh_every"):
