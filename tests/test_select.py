@@ -1,0 +1,97 @@
+"""Prototype selection: k-means checked against its defining fixed point and scikit-learn on real
+digits, and the pick against a direct computation."""
+
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.datasets import load_digits
+
+from ddfast.select import kmeans, prototype_pick
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    return torch.tensor(d.data, dtype=torch.float64), torch.tensor(d.target)
+
+
+def test_kmeans_is_a_lloyd_fixed_point_as_good_as_scikit_learns(digits):
+    x, _ = digits
+    c = kmeans(x, 10, seed=0)
+    assign = torch.cdist(x, c).argmin(dim=1)
+    for j in range(10):  # every centre is the mean of the points nearest it
+        members = x[assign == j]
+        assert members.shape[0] > 0
+        # float64 means of at most 1,797 values of 0..16: rounding is far below 1e-9
+        torch.testing.assert_close(c[j], members.mean(0), rtol=0, atol=1e-9)
+    inertia = float(((x - c[assign]) ** 2).sum())
+    ref = KMeans(10, n_init=10, random_state=0).fit(x.numpy()).inertia_
+    # one seeding against scikit-learn's best of ten: a local optimum of the same objective,
+    # which on digits lands within a few percent
+    assert ref * 0.999 <= inertia <= ref * 1.05
+    assert torch.equal(kmeans(x, 10, seed=0), c)  # seeded: the same centres again
+
+
+def test_kmeans_finds_separated_clusters_and_handles_edge_cases(digits):
+    x, y = digits
+    blobs = x[:60] / 100.0 + 50.0 * torch.arange(3).repeat_interleave(20)[:, None]
+    c = kmeans(blobs, 3, seed=1)
+    got = sorted(c[:, 0].tolist())
+    want = sorted(blobs.view(3, 20, -1).mean(1)[:, 0].tolist())
+    assert got == pytest.approx(want, abs=1e-12)
+    # k equal to the number of distinct points: each point is its own centre
+    pts = torch.unique(x[y == 0][:15], dim=0)
+    c = kmeans(pts, pts.shape[0], seed=0)
+    assert torch.equal(torch.cdist(pts, c).min(dim=0).values == 0,
+                       torch.ones(pts.shape[0], dtype=torch.bool))
+    same = torch.ones(5, 3, dtype=torch.float64)  # duplicates only: no division by zero
+    assert torch.equal(kmeans(same, 2), torch.ones(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="k must lie in 1..5"):
+        kmeans(same, 6)
+    with pytest.raises(ValueError, match="finite"):
+        kmeans(torch.full((4, 2), float("nan")), 2)
+
+
+def test_one_prototype_is_the_pool_sample_nearest_the_class_mean(digits):
+    x, y = digits
+    real_f, real_y, pool_f, pool_y = x[:900], y[:900], x[900:], y[900:]
+    pick = prototype_pick(pool_f, pool_y, real_f, real_y, 1)
+    want = []
+    for c in range(10):
+        members = (pool_y == c).nonzero().flatten()
+        d = torch.cdist(real_f[real_y == c].mean(0, keepdim=True), pool_f[members])
+        want.append(int(members[d.argmin()]))
+    assert pick.tolist() == want
+
+
+def test_picks_are_distinct_and_within_class_and_find_real_points_in_the_pool(digits):
+    x, y = digits
+    pick = prototype_pick(x[900:], y[900:], x[:900], y[:900], 10)
+    assert pick.numel() == 100 and pick.unique().numel() == 100
+    assert torch.equal(y[900:][pick], torch.arange(10).repeat_interleave(10))
+    # a pool that holds each class's real points themselves, shuffled among others: with one
+    # prototype per distinct point, the pick is exactly those points
+    real = torch.cat([torch.unique(x[y == c][:8], dim=0) for c in range(3)])
+    real_y = torch.cat([torch.full((torch.unique(x[y == c][:8], dim=0).shape[0],), c)
+                        for c in range(3)])
+    counts = torch.bincount(real_y).tolist()
+    assert min(counts) >= 2
+    k = min(counts)
+    keep = torch.cat([(real_y == c).nonzero().flatten()[:k] for c in range(3)])
+    real, real_y = real[keep], real_y[keep]
+    pool = torch.cat([real, x[1000:1300]])
+    pool_y = torch.cat([real_y, y[1000:1300]])
+    pool_y = torch.where(pool_y < 3, pool_y, pool_y % 3)
+    perm = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))
+    pick = prototype_pick(pool[perm], pool_y[perm], real, real_y, k)
+    assert sorted(perm[pick].tolist()) == list(range(real.shape[0]))
+
+
+def test_bad_inputs_name_the_problem(digits):
+    x, y = digits
+    with pytest.raises(ValueError, match="same network"):
+        prototype_pick(x[:, :10], y, x, y, 1)
+    with pytest.raises(ValueError, match="fewer than the 10 prototypes"):
+        prototype_pick(x, y, x[:50], y[:50], 10)
+    with pytest.raises(ValueError, match="draw a larger pool"):
+        prototype_pick(x[:30], y[:30], x, y, 10)
