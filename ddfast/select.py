@@ -17,9 +17,14 @@ and seeded, so the same features give the same centres on any machine up to floa
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from ddfast.errors import DataError
 from ddfast.eval.quality import nearest_matches
+from ddfast.io import write_bytes, write_json, write_png
 
 MAX_ITERS = 300
 
@@ -78,3 +83,69 @@ def prototype_pick(pool_f: torch.Tensor, pool_y: torch.Tensor, real_f: torch.Ten
         centres.append(kmeans(members, ipc, seed=seed))
         labels += [c] * ipc
     return nearest_matches(torch.cat(centres), torch.tensor(labels), pool_f.double(), pool_y)
+
+
+def write_selection(pool_dir: Path, out_dir: Path, positions: torch.Tensor) -> dict:
+    """Copy the picked samples of a sampled pool (a distilled tree with its manifest, positions
+    in ``load_folder_set``'s order: class by class, each class's first ``manifest["ipc"]``
+    files) into ``out_dir`` as a set of its own, ``<class folder>/<k>.png`` in pick order, with a
+    manifest naming each image's pool file and seed. The images are the pool's bytes; every file
+    is written atomically, so a killed copy is simply made again."""
+    pool_dir, out_dir = Path(pool_dir), Path(out_dir)
+    path = pool_dir / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{pool_dir} holds no manifest.json: pass a folder sampled by ddfast")
+    pool = json.loads(path.read_text())
+    images = pool["images"]
+    if len(images) != len(pool["classes"]) * pool["ipc"]:
+        raise DataError(f"{path} lists {len(images)} images for {len(pool['classes'])} classes "
+                        f"of {pool['ipc']}: the pool is not a complete sampled set")
+    taken: dict[int, int] = {}
+    picked = []
+    folders = {c["index"]: c["folder"] for c in pool["classes"]}
+    for p in positions.tolist():
+        if not 0 <= p < len(images):
+            raise IndexError(f"position {p} lies outside the pool of {len(images)} images")
+        src = images[p]
+        k = taken.get(src["class"], 0)
+        taken[src["class"]] = k + 1
+        file = f"{folders[src['class']]}/{k:05d}.png"
+        write_bytes(out_dir / file, (pool_dir / src["file"]).read_bytes())
+        picked.append({"file": file, "class": src["class"], "index": k,
+                       "pool_file": src["file"], "seed": src["seed"]})
+    if len(set(taken.values())) != 1:
+        raise ValueError(f"the picks hold {sorted(taken.items())} (class, images): a set needs "
+                         "the same number of each class")
+    manifest = {"ipc": next(iter(taken.values())), "pool_ipc": pool["ipc"],
+                "pool_config_digest": pool.get("config_digest", ""),
+                "sampler": pool.get("sampler"),
+                "rule": "the images a pool's selection picked, in pick order per class",
+                "classes": pool["classes"], "images": picked}
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def write_real_selection(out_dir: Path, images: torch.Tensor, labels: torch.Tensor,
+                         train_index: torch.Tensor, class_names: list[str]) -> dict:
+    """Write picked real images (N, C, H, W) uint8, class by class, as a set folder laid out as
+    a sampled one (``<class folder>/<k>.png``, a manifest naming each image's index in the
+    training split), so that real and generated picks are read and shown alike."""
+    from ddfast.sample import class_specs
+
+    specs = class_specs(list(class_names), list(range(len(class_names))))
+    taken: dict[int, int] = {}
+    picked = []
+    for img, c, t in zip(images, labels.tolist(), train_index.tolist(), strict=True):
+        k = taken.get(c, 0)
+        taken[c] = k + 1
+        file = f"{specs[c].folder}/{k:05d}.png"
+        arr = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+        write_png(out_dir / file, arr.contiguous().numpy())
+        picked.append({"file": file, "class": c, "index": k, "train_index": t})
+    manifest = {"ipc": max(taken.values()),
+                "rule": "the training images a selection picked, in pick order per class",
+                "classes": [{"index": s.index, "name": s.name, "cond_label": s.cond_label,
+                             "folder": s.folder} for s in specs],
+                "images": picked}
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest

@@ -99,6 +99,15 @@ class Scale:
     # measurement, not a method: what this generator's samples can score when they stand as
     # close as they can to real images, against what real images score. 0: not computed.
     matched_pool: int = 0
+    # Prototype selection (``ddfast.select``), a departure from the paper's sampler (one seed
+    # per image) measured beside it: from a pool of ``select_pool`` samples per class of each
+    # method's model (repeat r's seeds, the chosen sampling setting), the sample nearest each of
+    # IPC k-means centres of the class's training images (the full-data classifier's
+    # features), at ``select_ipc`` under the DC/DSA recipe; with ``random``, the real training
+    # images nearest the same centres (one set, a classifier seed per repeat), the coreset such
+    # a pick competes with. 0: not computed.
+    select_pool: int = 0
+    select_ipc: tuple[int, ...] = (1, 10)
     # Candidate generators (name -> overrides of ``base``), each trained from scratch in a study
     # of its own under ``<out>/generators/<name>`` and judged by this study's measures: its
     # samples at the chosen sampling setting against the held-out images, and its IPC-10 set
@@ -157,6 +166,7 @@ SCALES = {
             ablations=False, holdout=500, val_per_class=50, ipc_once=(50,),
             lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
             exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3, matched_pool=200,
+            select_pool=200,
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddim", 50), (2.0, "ddpm", 25), (2.0, "ddpm", 100)),
@@ -198,6 +208,7 @@ SCALES = {
                         ipc_once=(20,), epoch_refreshes=2,
                         holdout=5, val_per_class=6, lambda_g_factors=(0.0, 100.0),
                         exact_guidance=(2.0, math.inf), exact_draws=2, matched_pool=12,
+                        select_pool=12,
                         sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)),
                         generators={"longer": {"pretrain.steps": "40"}},
                         generator_probes=(("-g4-interval0-500",
@@ -300,7 +311,7 @@ class Study:
             self.base["run.compile"] = "true"
         self.base["run.progress"] = "on" if progress else "off"
         self._data = self._real = self._full = self._test_f = self._val = self._means = None
-        self._pool = None
+        self._pool = self._train_f = None
         self._sampling = None
         # Compute runs, not evaluations (``--runs-only``): the classifier cells and the test-split
         # quality cells are left for wherever the sets are evaluated.
@@ -627,6 +638,56 @@ class Study:
     def matched_key(self, repeat: int) -> str:
         return f"matched-p{self.scale.matched_pool}-r{repeat}-ipc{EXACT_IPC}-dc"
 
+    def train_features(self):
+        """Features and labels of every image the study's runs train on (the held-out images
+        excepted): what prototype selection clusters."""
+        from ddfast.train import training_indices
+
+        if self._train_f is None:
+            train, _, _ = self.data()
+            labels = torch.as_tensor(train.labels)
+            cfg = self.config("probe", {})
+            idx = training_indices(labels, cfg.data.max_per_class, cfg.data.holdout)
+            f = torch.cat([self._features(train.images(idx[k:k + 5000].tolist()))
+                           for k in range(0, len(idx), 5000)])
+            self._train_f = (f, labels[idx], idx)
+        return self._train_f
+
+    def select_folder(self, method: str, repeat: int, ipc: int) -> Path:
+        """Where the prototype-selected set of (method, repeat, ipc) is written; ``random``:
+        the real images nearest the prototypes (one set, whatever the repeat)."""
+        if method == "random":
+            return self.work / "select" / f"real-ipc{ipc}"
+        return self.work / "select" / f"{method}-p{self.scale.select_pool}-r{repeat}-ipc{ipc}"
+
+    def select_key(self, method: str, repeat: int, ipc: int) -> str:
+        name = "real" if method == "random" else f"{method}-p{self.scale.select_pool}"
+        return f"select-{name}-r{repeat}-ipc{ipc}-dc"
+
+    def selected_set(self, method: str, repeat: int, ipc: int):
+        """(images, labels) of a prototype-selected set (``Scale.select_pool``), written once
+        as a set folder of its own (class folders, a manifest naming each image's pool file)
+        and read from there after, so it needs its pool only to be made."""
+        from ddfast.eval.protocol import load_folder_set
+        from ddfast.select import prototype_pick, write_real_selection, write_selection
+
+        folder = self.select_folder(method, repeat, ipc)
+        if not (folder / "manifest.json").is_file():
+            f, y, idx = self.train_features()
+            if method == "random":
+                train, _, _ = self.data()
+                pick = idx[prototype_pick(f, y, f, y, ipc)]
+                write_real_selection(folder, train.images(pick.tolist()),
+                                     torch.as_tensor(train.labels)[pick], pick,
+                                     list(train.class_names))
+            else:
+                n = self.scale.select_pool
+                pool = self.resampled(method, repeat, n)
+                px, py, _ = load_folder_set(pool, ipc=n)
+                write_selection(pool, folder, prototype_pick(self._features(px), py, f, y, ipc))
+        x, y, _ = load_folder_set(folder, ipc=ipc)
+        return x, y
+
     def exact_points(self):
         """(guidance, draw, cell key) of every exact-generator cell of this scale."""
         for g in self.scale.exact_guidance:
@@ -866,6 +927,13 @@ class Study:
                 x, y = self.matched_set()
                 for r, key in enumerate(keys):  # one set, a classifier seed per repeat
                     self.evaluate_cell(key, x, y, "dc", r)
+        for ipc in (i for i in s.select_ipc if s.select_pool and i in wanted and i in s.ipc):
+            for method in methods:  # each pool, then each set, made once and kept on disk
+                for r in range(s.repeats):
+                    key = self.select_key(method, r, ipc)
+                    if not (self.work / "evals" / f"{key}.json").is_file():
+                        x, y = self.selected_set(method, r, ipc)
+                        self.evaluate_cell(key, x, y, "dc", r)
         for ipc in (i for i in s.ipc_once if i in wanted):  # the costliest, after the others
             for method in methods:
                 x, y = self.method_set(method, 0, ipc)

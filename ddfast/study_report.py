@@ -85,6 +85,7 @@ def collect(study) -> dict:
     return {
         "exact": exact(study),
         "matched": matched(study),
+        "selected": selected(study),
         "generators": generators(study),
         "probes": probes(study),
         "lambda_g": lambda_g_sweep(study),
@@ -102,7 +103,8 @@ def collect(study) -> dict:
                      "epoch_refreshes": s.epoch_refreshes,
                      "exact_guidance": [str(g) if g == float("inf") else g
                                         for g in s.exact_guidance],
-                     "exact_draws": s.exact_draws, "matched_pool": s.matched_pool},
+                     "exact_draws": s.exact_draws, "matched_pool": s.matched_pool,
+                     "select_pool": s.select_pool, "select_ipc": list(s.select_ipc)},
         "device": device_name(study.device), "torch": torch.__version__,
         # The CPU threads of each evaluation (cells from before this was recorded carry none).
         "eval_threads": threads,
@@ -159,6 +161,70 @@ def matched(study) -> dict | None:
     return {"pool": study.scale.matched_pool, "runs": study.scale.repeats,
             "accuracy": _stats(cells), "pairwise": _stats(cells, "pairwise"),
             "coverage": _stats(cells, "coverage"), "repeats": [c["acc_best"] for c in cells]}
+
+
+def selected(study) -> list[dict]:
+    """Prototype selection (``Scale.select_pool``; DC/DSA recipe), one row per method and IPC:
+    accuracy and diversity over the repeats (``random``: the real images nearest the
+    prototypes, one set, a classifier seed per repeat). Empty where the scale draws no pool."""
+    from ddfast.study import METHODS
+
+    s = study.scale
+    if not s.select_pool:
+        return []
+    out = []
+    for method in METHODS:
+        for ipc in (i for i in s.select_ipc if i in s.ipc):
+            cells = [json.loads(p.read_text()) for r in range(s.repeats)
+                     if (p := study.work / "evals" / f"{study.select_key(method, r, ipc)}.json")
+                     .is_file()]
+            out.append({"method": method, "ipc": ipc, "protocol": "dc",
+                        "pool": None if method == "random" else s.select_pool,
+                        "runs": s.repeats, "accuracy": _stats(cells),
+                        "pairwise": _stats(cells, "pairwise"),
+                        "coverage": _stats(cells, "coverage"),
+                        "repeats": [c["acc_best"] for c in cells]})
+    return out
+
+
+def select_lines(res: dict) -> list[str]:
+    """The prototype-selection table: each method's selected sets beside its sets as the
+    paper samples them and the random-real row, IPC by IPC (DC/DSA recipe)."""
+    sel = res["selected"]
+    ipcs = sorted({r["ipc"] for r in sel})
+    pool = next((r["pool"] for r in sel if r["pool"]), 0)
+    lines = ["Prototype selection, a departure from the paper's sampler (one seed per image), "
+             f"measured beside it (DC/DSA recipe): from {pool} samples per class of each "
+             "method's model (the repeat's seeds, the study's sampling setting), the sample "
+             "nearest each of IPC k-means centres of the class's training images in the "
+             "full-data ConvNet-3's features; \"real images nearest the prototypes\" takes the "
+             "training images nearest the same centres (one set, a classifier seed per repeat). "
+             "Mean [min, max] over repeats; pairwise / coverage after each.", "",
+             "| set | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+             "|---|" + "---:|" * len(ipcs)]
+
+    def cell(row):
+        if row is None or row["accuracy"] is None:
+            return "not run"
+        pw, cov = _diversity(row)
+        acc = row["accuracy"]
+        want = res["settings"]["repeats"]
+        short = f" ({acc['n']} of {want})" if acc["n"] < want else ""
+        return f"{_fmt(acc)}{short} ({pw} / {cov})"
+
+    main = {(r["method"], r["ipc"]): r for r in res["rows"] if r["protocol"] == "dc"}
+    chosen = {(r["method"], r["ipc"]): r for r in sel}
+    for method in dict.fromkeys(r["method"] for r in sel):
+        if method == "random":
+            label_main, label_sel = "random real", "real images nearest the prototypes"
+        else:
+            label_main = f"{LABELS[method]}, the paper's sampler"
+            label_sel = f"{LABELS[method]}, prototype selection"
+        lines.append(f"| {label_main} | "
+                     + " | ".join(cell(main.get((method, i))) for i in ipcs) + " |")
+        lines.append(f"| {label_sel} | "
+                     + " | ".join(cell(chosen.get((method, i))) for i in ipcs) + " |")
+    return lines
 
 
 def lambda_g_sweep(study) -> list[dict]:
@@ -512,6 +578,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if res.get("exact") or res.get("matched"):
         lines += ["", *exact_lines(res)]
+    if res.get("selected"):
+        lines += ["", *select_lines(res)]
     if res.get("generators"):
         lines += ["", *generator_lines(res)]
     if res.get("probes"):
@@ -801,6 +869,14 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
             paths.append(_write_grid(path, study.matched_set()[0], EXACT_IPC))
         elif path.is_file():
             paths.append(path)
+    if study.scale.select_pool and 10 in study.scale.select_ipc:
+        from ddfast.eval.protocol import load_folder_set
+
+        for method in METHODS:  # repeat 0's IPC-10 sets, once selected (small, committed)
+            folder = study.select_folder(method, 0, 10)
+            if (folder / "manifest.json").is_file():
+                x, _, _ = load_folder_set(folder, ipc=10)
+                paths.append(_write_grid(out / "grids" / f"select-{method}.png", x, 10))
     return paths
 
 

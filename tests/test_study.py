@@ -47,7 +47,8 @@ def test_results_are_read_from_the_cells(study_dir):
     for rel in res["plots"] + res["grids"]:
         assert (study_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(res["grids"]) == (len(METHODS) + len(scale.lambda_g_factors)
-                                 + len(scale.exact_guidance) + 1)  # + the closest samples
+                                 + len(scale.exact_guidance) + 1  # + the closest samples
+                                 + len(METHODS))  # + each method's prototype-selected set
     # the lambda_g sweep: the default and each factor, every row read from its cell and sets
     sweep = res["lambda_g"]
     default = 0.008
@@ -364,7 +365,8 @@ def _committed_only(src, dst):
     shutil.copytree(src, dst)
     keep = {"summary.json", "config.json", "result.json", "metrics.jsonl", "distilled"}
     for run in (dst / "work").iterdir():
-        if not run.is_dir() or run.name in ("evals", "quality", "sampling", "lambda_g"):
+        if not run.is_dir() or run.name in ("evals", "quality", "sampling", "lambda_g",
+                                            "select"):
             continue
         for child in run.iterdir():
             kept = (child.name in keep or (run.name, child.name) in
@@ -429,7 +431,8 @@ def test_a_report_without_a_runs_distilled_set_keeps_its_grid(study_dir, tmp_pat
     assert "grids/dit.png" in res["grids"] and grid.read_bytes() == before
     scale = SCALES["smoke"]["digits"]
     assert len(res["grids"]) == (len(METHODS) + len(scale.lambda_g_factors)
-                                 + len(scale.exact_guidance) + 1)  # + the closest samples
+                                 + len(scale.exact_guidance) + 1  # + the closest samples
+                                 + len(METHODS))  # + each method's prototype-selected set
     assert not (out / "work" / "dit-r0" / "distilled").exists()  # nothing was sampled again
 
 
@@ -489,6 +492,47 @@ def test_the_generators_closest_samples_are_pool_samples_nearest_the_random_real
     # first ten of each class are the dit set of repeat 0.
     first10 = torch.cat([px[py == c][:10] for c in range(10)])
     assert torch.equal(first10, study.method_set("dit", 0, 10)[0])
+
+
+def test_prototype_selection_picks_each_methods_pool_samples_nearest_the_real_centres(
+        study_dir):
+    from ddfast.eval.protocol import load_folder_set
+    from ddfast.select import kmeans, prototype_pick
+
+    study = Study("digits", "smoke", study_dir)
+    res = study.report()
+    n = study.scale.select_pool
+    assert {(r["method"], r["ipc"]) for r in res["selected"]} == {
+        (m, i) for m in METHODS for i in study.scale.select_ipc}
+    for row in res["selected"]:
+        cell = _cell(study_dir, study.select_key(row["method"], 0, row["ipc"]))
+        assert row["repeats"] == [cell["acc_best"]] and cell["ipc"] == row["ipc"]
+    assert "prototype selection" in (study_dir / "results.md").read_text()
+    f, fy, idx = study.train_features()
+    assert idx.numel() == 10 * 40  # max_per_class of each class, as every run trains on
+    for method in ("dit", "ours-step"):
+        x, y = study.selected_set(method, 0, 10)
+        pool = study_dir / "work" / f"{method}-r0-ipc{n}" / "distilled"
+        px, py, _ = load_folder_set(pool, ipc=n)
+        pick = prototype_pick(study._features(px), py, f, fy, 10)
+        assert torch.equal(x, px[pick]) and torch.equal(y, py[pick])
+        assert pick.unique().numel() == 100  # none twice, ten of each class
+        manifest = json.loads((study.select_folder(method, 0, 10) / "manifest.json").read_text())
+        assert [(pool / m["pool_file"]).read_bytes() for m in manifest["images"][:3]] == [
+            (study.select_folder(method, 0, 10) / m["file"]).read_bytes()
+            for m in manifest["images"][:3]]
+    # The pool of a fine-tuned method is sampled from its run's model: its first ten of each
+    # class are the method's own IPC-10 set.
+    first10 = torch.cat([px[py == c][:10] for c in range(10)])
+    assert torch.equal(first10, study.method_set("ours-step", 0, 10)[0])
+    # The real row at IPC 1: each class's training image nearest its one centre, the mean.
+    x, y = study.selected_set("random", 0, 1)
+    train, _, _ = study.data()
+    for c in range(10):
+        members = (fy == c).nonzero().flatten()
+        centre = kmeans(f[members], 1)
+        nearest = idx[members[torch.cdist(centre, f[members].double())[0].argmin()]]
+        assert torch.equal(x[c], train.images([int(nearest)])[0]) and int(y[c]) == c
 
 
 def test_the_exact_generator_reference_is_drawn_from_the_training_pool(study_dir):
