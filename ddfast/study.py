@@ -144,7 +144,8 @@ SCALES = {
         "digits": Scale(ipc=(1, 10, 50), repeats=3, protocols=("dc", "small"), full_epochs=300,
                         ablations=True),
         "fashion-mnist": Scale(ipc=(1, 10, 50), repeats=3, protocols=("dc", "small"),
-                               full_epochs=50, ablations=True, epoch_refreshes=8),
+                               full_epochs=50, ablations=True, epoch_refreshes=8,
+                               select_pool=200),
     },
     # Sized for 2 CPU cores: digits complete at IPC 1 and 10 (the IDC recipe, 1000 epochs,
     # once per method; ablation points twice). Fashion-MNIST: a micro DiT with 4x4 patches
