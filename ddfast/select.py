@@ -18,6 +18,7 @@ and seeded, so the same features give the same centres on any machine up to floa
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -100,12 +101,17 @@ def write_selection(pool_dir: Path, out_dir: Path, positions: torch.Tensor) -> d
     if len(images) != len(pool["classes"]) * pool["ipc"]:
         raise DataError(f"{path} lists {len(images)} images for {len(pool['classes'])} classes "
                         f"of {pool['ipc']}: the pool is not a complete sampled set")
+    outside = [p for p in positions.tolist() if not 0 <= p < len(images)]
+    if outside:
+        raise IndexError(f"position {outside[0]} lies outside the pool of {len(images)} images")
+    counts = Counter(images[p]["class"] for p in positions.tolist())
+    if len(set(counts.values())) != 1:  # checked before anything is written
+        raise ValueError(f"the picks hold {sorted(counts.items())} (class, images): a set needs "
+                         "the same number of each class")
     taken: dict[int, int] = {}
     picked = []
     folders = {c["index"]: c["folder"] for c in pool["classes"]}
     for p in positions.tolist():
-        if not 0 <= p < len(images):
-            raise IndexError(f"position {p} lies outside the pool of {len(images)} images")
         src = images[p]
         k = taken.get(src["class"], 0)
         taken[src["class"]] = k + 1
@@ -113,10 +119,7 @@ def write_selection(pool_dir: Path, out_dir: Path, positions: torch.Tensor) -> d
         write_bytes(out_dir / file, (pool_dir / src["file"]).read_bytes())
         picked.append({"file": file, "class": src["class"], "index": k,
                        "pool_file": src["file"], "seed": src["seed"]})
-    if len(set(taken.values())) != 1:
-        raise ValueError(f"the picks hold {sorted(taken.items())} (class, images): a set needs "
-                         "the same number of each class")
-    manifest = {"ipc": next(iter(taken.values())), "pool_ipc": pool["ipc"],
+    manifest = {"ipc": next(iter(counts.values())), "pool_ipc": pool["ipc"],
                 "pool_config_digest": pool.get("config_digest", ""),
                 "sampler": pool.get("sampler"),
                 "rule": "the images a pool's selection picked, in pick order per class",

@@ -24,11 +24,16 @@ def test_kmeans_is_a_lloyd_fixed_point_as_good_as_scikit_learns(digits):
         assert members.shape[0] > 0
         # float64 means of at most 1,797 values of 0..16: rounding is far below 1e-9
         torch.testing.assert_close(c[j], members.mean(0), rtol=0, atol=1e-9)
-    inertia = float(((x - c[assign]) ** 2).sum())
+    def inertia(centres):
+        return float(((x - centres[torch.cdist(x, centres).argmin(dim=1)]) ** 2).sum())
+
+    # The best of ten seedings against scikit-learn's best of ten: both the lowest of ten local
+    # optima of the same objective. scikit-learn's own best of ten moves by about 1e-4 from one
+    # random state to another on digits; a wrong update (a centre that is not its points' mean,
+    # a bad seeding) lands percents away.
+    ours = min(inertia(kmeans(x, 10, seed=s)) for s in range(10))
     ref = KMeans(10, n_init=10, random_state=0).fit(x.numpy()).inertia_
-    # one seeding against scikit-learn's best of ten: a local optimum of the same objective,
-    # which on digits lands within a few percent
-    assert ref * 0.999 <= inertia <= ref * 1.05
+    assert abs(ours / ref - 1) <= 0.01
     assert torch.equal(kmeans(x, 10, seed=0), c)  # seeded: the same centres again
 
 
@@ -42,8 +47,7 @@ def test_kmeans_finds_separated_clusters_and_handles_edge_cases(digits):
     # k equal to the number of distinct points: each point is its own centre
     pts = torch.unique(x[y == 0][:15], dim=0)
     c = kmeans(pts, pts.shape[0], seed=0)
-    assert torch.equal(torch.cdist(pts, c).min(dim=0).values == 0,
-                       torch.ones(pts.shape[0], dtype=torch.bool))
+    assert (torch.cdist(pts, c).min(dim=0).values == 0).all()
     same = torch.ones(5, 3, dtype=torch.float64)  # duplicates only: no division by zero
     assert torch.equal(kmeans(same, 2), torch.ones(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="k must lie in 1..5"):
@@ -95,3 +99,35 @@ def test_bad_inputs_name_the_problem(digits):
         prototype_pick(x, y, x[:50], y[:50], 10)
     with pytest.raises(ValueError, match="draw a larger pool"):
         prototype_pick(x[:30], y[:30], x, y, 10)
+
+
+def test_write_selection_copies_the_picked_pool_files_and_refuses_uneven_picks(tmp_path, digits):
+    import json
+
+    import numpy as np
+
+    from ddfast.io import write_json, write_png
+    from ddfast.select import write_selection
+
+    x, _ = digits
+    pool, classes, images = tmp_path / "pool", [], []
+    for c in range(2):
+        classes.append({"index": c, "name": f"c{c}", "cond_label": c, "folder": f"c{c}"})
+        for i in range(3):
+            file = f"c{c}/{i:05d}.png"
+            write_png(pool / file, (x[3 * c + i].view(8, 8) * 15).numpy().astype(np.uint8))
+            images.append({"file": file, "class": c, "index": i, "seed": 100 * c + i})
+    write_json(pool / "manifest.json", {"ipc": 3, "classes": classes, "images": images})
+    out = tmp_path / "set"
+    manifest = write_selection(pool, out, torch.tensor([2, 0, 4, 3]))
+    assert [m["pool_file"] for m in manifest["images"]] == [
+        "c0/00002.png", "c0/00000.png", "c1/00001.png", "c1/00000.png"]
+    assert [m["seed"] for m in manifest["images"]] == [2, 0, 101, 100]
+    for m in manifest["images"]:
+        assert (out / m["file"]).read_bytes() == (pool / m["pool_file"]).read_bytes()
+    assert json.loads((out / "manifest.json").read_text()) == manifest and manifest["ipc"] == 2
+    with pytest.raises(ValueError, match="same number of each class"):
+        write_selection(pool, tmp_path / "uneven", torch.tensor([0, 1, 3]))
+    with pytest.raises(IndexError, match="outside the pool of 6"):
+        write_selection(pool, tmp_path / "outside", torch.tensor([0, 6]))
+    assert not (tmp_path / "uneven").exists() and not (tmp_path / "outside").exists()
