@@ -97,6 +97,9 @@ class SampleConfig:
     guidance_interval: tuple[int, ...] = ()  # lo,hi timesteps guided (else conditional); ()=all
     batch_size: int = 64  # images per sampling forward
     seed: int = 0  # base of the per-image seeds (seed, class, index)
+    select: str = "none"  # none (the paper's sampler) | prototypes (also: a pool, k-means picks)
+    pool: int = 0  # prototypes: samples per class in the pool; 0 = 20 x the largest IPC
+    feature_epochs: int = 0  # prototypes: feature network epochs; 0 = about 192,000 images
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,8 @@ class Config:
 # Settings added after runs were first written, with the value that reproduces the old behaviour:
 # left out of the digest at that value, so an older run folder still resumes and matches.
 LATER_KEYS = {"data.holdout": 0, "memory.refresh_every": 0, "pretrain.decay": "constant",
-              "sample.guidance_interval": ()}
+              "sample.guidance_interval": (), "sample.select": "none", "sample.pool": 0,
+              "sample.feature_epochs": 0}
 # Settings that do not change results: outside the digest, and free to change on --resume
 # (eval.baseline adds the random-real row beside the method's; the method's figures stay).
 NON_RESULT_KEYS = ("run.out", "run.device", "run.progress", "run.log_every", "run.ckpt_every",
@@ -189,6 +193,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dit_weights": ("ema", "model"),
     "objective.method": ("ours", "minimax", "dit"),
     "pretrain.decay": ("constant", "cosine"),
+    "sample.select": ("none", "prototypes"),
     "memory.policy": ("auto", "adaptive", "fifo"),
     "memory.timing": ("step", "epoch"),
     "optim.trainable": ("difffit", "all"),
@@ -371,12 +376,21 @@ def validate(cfg: Config) -> None:
         "objective.lambda_r": cfg.objective.lambda_r,
         "objective.lambda_g": cfg.objective.lambda_g,
         "memory.refresh_every": cfg.memory.refresh_every,
+        "sample.pool": cfg.sample.pool,
+        "sample.feature_epochs": cfg.sample.feature_epochs,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must not be negative, got {value}")
     if not cfg.sample.ipc or any(i < 1 for i in cfg.sample.ipc):
         raise ConfigError(f"sample.ipc must list positive counts, got {cfg.sample.ipc}")
+    if cfg.sample.select == "prototypes" and 0 < cfg.sample.pool < max(cfg.sample.ipc):
+        raise ConfigError(f"sample.pool={cfg.sample.pool} is smaller than the largest IPC "
+                          f"{max(cfg.sample.ipc)}: draw a pool of at least that many samples "
+                          f"per class (0 = 20 x the largest IPC)")
+    if cfg.sample.select == "none" and (cfg.sample.pool or cfg.sample.feature_epochs):
+        raise ConfigError("sample.pool and sample.feature_epochs apply to "
+                          "sample.select=prototypes only: set it, or drop them")
     if cfg.objective.method != "dit" and cfg.optim.steps == 0 and cfg.optim.epochs == 0:
         raise ConfigError("set optim.steps or optim.epochs above 0 (or objective.method=dit)")
     for key, value in (("optim.ema_decay", cfg.optim.ema_decay),

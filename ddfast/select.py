@@ -17,13 +17,15 @@ and seeded, so the same features give the same centres on any machine up to floa
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ddfast.errors import DataError
+from ddfast.errors import DataError, DdfastError
 from ddfast.eval.quality import nearest_matches
 from ddfast.io import write_bytes, write_json, write_png
 
@@ -152,3 +154,110 @@ def write_real_selection(out_dir: Path, images: torch.Tensor, labels: torch.Tens
                 "images": picked}
     write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+# --------------------------------------------------------------- the training job's stage
+# ``python -m ddfast.train --sample.select prototypes``: the job draws a pool per class beside
+# its distilled set, trains (or reads from the cache) a ConvNet on every training image as the
+# feature space, and writes one selected set per IPC. Measured on Fashion-MNIST, the feature
+# space matters: the same pick in pixel space lost to random real images where the full-data
+# classifier's features beat them (README, "Prototype selection").
+
+POOL_FACTOR = 20  # pool per class = 20 x the largest IPC unless sample.pool says otherwise
+FEATURE_IMAGES = 192_000  # the feature network sees about this many images unless told
+
+
+def pool_size(setting: int, largest_ipc: int) -> int:
+    """Samples per class in the pool: ``setting``, or POOL_FACTOR x the largest IPC for 0."""
+    n = setting or POOL_FACTOR * largest_ipc
+    if n < largest_ipc:
+        raise ValueError(f"sample.pool={n} is smaller than the largest IPC {largest_ipc}: a "
+                         f"pool needs at least as many samples per class as the set it feeds")
+    return n
+
+
+def feature_epochs(setting: int, num_images: int) -> int:
+    """Epochs of the feature network: ``setting``, or enough to see about FEATURE_IMAGES."""
+    return setting or max(1, math.ceil(FEATURE_IMAGES / num_images))
+
+
+def feature_network_name(networks) -> str:
+    """The evaluation's first ConvNet (its features are the classifier's input), else
+    ConvNet-3: a ResNet has no single feature layer here."""
+    return next((n for n in networks if n.startswith("convnet")), "convnet3")
+
+
+def feature_network(source, indices: torch.Tensor, test_source, *, network: str, protocol: str,
+                    epochs: int, seed: int, device: torch.device, dataset: str | None,
+                    cache_dir: Path, progress: bool = False):
+    """(model, normalise, record): a ``network`` trained by ``protocol``'s recipe for ``epochs``
+    on the training images ``indices`` of ``source`` (never the held-out ones), with its
+    accuracy on the test split in the record. Cached per data set and setting under
+    ``cache_dir/features`` (weights and record, written atomically), so every run on the same
+    data reuses it."""
+    from ddfast.eval.augment import norm_stats, normalize
+    from ddfast.eval.networks import build_network
+    from ddfast.eval.protocol import get_protocol, train_classifier
+    from ddfast.io import load_tensors, save_tensors
+    from ddfast.progress import log
+
+    key = {"source": source.fingerprint(), "test": test_source.fingerprint(),
+           "indices": hashlib.sha256(indices.numpy().tobytes()).hexdigest(),
+           "network": network, "protocol": protocol, "epochs": epochs, "seed": seed,
+           "batch_size": get_protocol(protocol).batch_size, "dataset": dataset,
+           "device": device.type}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / "features"
+    w_path = folder / f"{network}-{digest}.safetensors"
+    rec_path = w_path.with_suffix(".json")
+    mean, std = norm_stats(source.channels, dataset)
+    model = build_network(network, num_classes=len(source.class_names),
+                          channels=source.channels, resolution=source.resolution)
+    record = None
+    if w_path.is_file() and rec_path.is_file():
+        try:
+            record = json.loads(rec_path.read_text())
+            model.load_state_dict(load_tensors(w_path)[0])
+        except (OSError, ValueError, RuntimeError) as exc:  # damaged: train it again
+            log(f"[select] the cached feature network {w_path} is unreadable ({exc}); "
+                "training it again")
+            record = None
+    if record is not None and record.get("key") == key:
+        log(f"[select] feature network from {w_path} ({record['accuracy']:.2f} % on the test "
+            "split)")
+        model = model.to(device).eval()
+    else:
+        log(f"[select] feature network: {network} on {len(indices)} training images, {epochs} "
+            f"epochs ({protocol} recipe), cached afterwards in {folder}")
+        x = source.images(indices.tolist())
+        test_x = test_source.images(range(len(test_source)))
+        run, model, _ = train_classifier(x, source.labels[indices], test_x, test_source.labels,
+                                         network=network, protocol=protocol, epochs=epochs,
+                                         seed=seed, device=device, progress=progress,
+                                         dataset=dataset)
+        record = {"key": key, "accuracy": run["last"], "best": run["best"], "epochs": epochs}
+        try:
+            save_tensors(w_path, model.state_dict(), {"network": network})
+            write_json(rec_path, record)
+        except DdfastError as exc:  # a read-only cache costs a retraining, not the run
+            log(f"[select] could not cache the feature network ({exc})")
+        log(f"[select] feature network: {record['accuracy']:.2f} % on the test split")
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return normalize(x.to(device).float() / 255.0, mean, std)
+
+    return model, normalise, record
+
+
+def image_features(model, normalise, images, batch: int = 2000) -> torch.Tensor:
+    """(N, F) float32 features, on the CPU, of uint8 images (N, C, H, W): a tensor, or a
+    callable ``images(start, stop)`` that loads them a batch at a time."""
+    from ddfast.eval.diversity import features
+
+    if torch.is_tensor(images):
+        n, load = images.shape[0], lambda a, b: images[a:b]
+    else:
+        n, load = images
+    with torch.no_grad():
+        return torch.cat([features(model, normalise(load(a, min(a + batch, n)))).cpu()
+                          for a in range(0, n, batch)])

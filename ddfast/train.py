@@ -350,13 +350,17 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     if cfg.run.compile:  # on a GPU with CUDA graphs: each sampling batch has a static shape
         sampler_model = perf.compile(
             model, mode="reduce-overhead" if device.type == "cuda" else "default")
-    write_distilled(distilled, sampler_model, decode_vae, diffusion, classes, ipc,
-                    latent_shape=latents.latent_shape, null_label=null, scale=scale,
-                    steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
-                    guidance_channels=s.guidance_channels, seed=s.seed, batch_size=s.batch_size,
-                    device=device, precision=precision, progress=progress,
-                    config_digest=cfg.digest(), dist=dist,
-                    guidance_interval=s.guidance_interval)
+
+    def draw(folder: Path, n: int) -> None:
+        write_distilled(folder, sampler_model, decode_vae, diffusion, classes, n,
+                        latent_shape=latents.latent_shape, null_label=null, scale=scale,
+                        steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
+                        guidance_channels=s.guidance_channels, seed=s.seed,
+                        batch_size=s.batch_size, device=device, precision=precision,
+                        progress=progress, config_digest=cfg.digest(), dist=dist,
+                        guidance_interval=s.guidance_interval)
+
+    draw(distilled, ipc)
     real = {}
     for c in classes:
         idx = (source.labels == c.index).nonzero().flatten()[:10]
@@ -366,12 +370,22 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         grids = write_class_grids(out / "grids", distilled, classes, real, min(ipc, 50))
     timings["sample"] = time.perf_counter() - t
 
+    # Stage 3b (sample.select=prototypes, a departure from the paper's sampler): a pool per
+    # class, and for each IPC the pool samples nearest the k-means prototypes of the class's
+    # training images in a full-data ConvNet's features (ddfast/select.py).
+    selected: dict[int, Path] = {}
+    if s.select == "prototypes":
+        t = time.perf_counter()
+        selected = prototype_sets(cfg, out, draw, source, test_source, indices, classes, real,
+                                  device, progress, dist)
+        timings["select"] = time.perf_counter() - t
+
     # Stage 4: train fresh classifiers on the distilled set, test on real data (method.md 5).
     table = None
     if cfg.eval.enabled:
         t = time.perf_counter()
         table = evaluate_distilled(cfg, distilled, source, test_source, out / "eval", device,
-                                   progress, dist)
+                                   progress, dist, selected)
         timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -388,6 +402,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         "held_out": cfg.data.holdout * len(source.class_names),
         "model": str(out / "model") if cfg.objective.method != "dit" else None,
         "grids": [str(p) for p in grids],
+        "selected": selection_summary(out, selected),
         "evaluation": str(out / "eval" / "results.md") if table else None,
         "metrics": str(metrics),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
@@ -403,6 +418,9 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     log(f"  distilled set : {distilled}/<class>/<index>.png "
         f"(IPC k = the first k files of each class)")
     log(f"  class grids   : {out / 'grids'}")
+    if selected:
+        log(f"  selected sets : {out / 'selected'}/ipc<k>/<class>/<index>.png (one folder per "
+            f"IPC, picked from {out / 'pool'}; grids in {out / 'grids'}/selected-ipc<k>)")
     if summary["model"]:
         log(f"  model         : {summary['model']} (diffusers format)")
     log(f"  metrics       : {metrics}")
@@ -414,33 +432,43 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
 
 
 def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: Path,
-                       device: torch.device, progress: bool, dist: Dist | None = None) -> str:
-    """Evaluate the IPC-k subsets of the distilled set; each finished IPC is kept on disk, so a
-    resumed run evaluates only what is missing. Returns the merged markdown table. With
-    ``dist`` the runs of each IPC are spread over the ranks and rank 0 writes the results."""
+                       device: torch.device, progress: bool, dist: Dist | None = None,
+                       selected: dict[int, Path] | None = None) -> str:
+    """Evaluate the IPC-k subsets of the distilled set (and the prototype-selected set of each
+    IPC in ``selected``); each finished set is kept on disk, so a resumed run evaluates only
+    what is missing. Returns the merged markdown table. With ``dist`` the runs of each set are
+    spread over the ranks and rank 0 writes the results."""
     dist = dist or Dist.single()
     from ddfast.eval import evaluate, load_folder_set, merge_tables, write_results
 
     test_x = test_source.images(range(len(test_source)))  # (N, C, H, W) uint8
-    records = []
-    for ipc in sorted(cfg.sample.ipc):
-        done = out / f"ipc{ipc}" / "results.json"
+    selected = selected or {}
+
+    def one(folder: Path, ipc: int, done: Path, method: str) -> dict:
         if not done.is_file():
-            x, y, names = load_folder_set(distilled, ipc=ipc)
+            x, y, names = load_folder_set(folder, ipc=ipc)
             if list(names) != list(source.class_names):
-                raise DdfastError(f"the distilled classes {names} differ from the data's "
+                raise DdfastError(f"the classes of {folder} ({names}) differ from the data's "
                                   f"{source.class_names}; rerun sampling with --overwrite")
-            log(f"[eval] IPC {ipc}: {', '.join(cfg.eval.networks)} x {cfg.eval.repeats} "
-                f"({cfg.eval.protocol} protocol)")
+            log(f"[eval] IPC {ipc}, {method}: {', '.join(cfg.eval.networks)} x "
+                f"{cfg.eval.repeats} ({cfg.eval.protocol} protocol)")
             result = evaluate(x, y, test_x, test_source.labels, networks=cfg.eval.networks,
                               repeats=cfg.eval.repeats, epochs=cfg.eval.epochs,
                               protocol=cfg.eval.protocol, device=device, seed=cfg.run.seed,
                               batch_size=cfg.eval.batch_size or None, progress=progress,
                               dist=dist, dataset=cfg.data.source)
             if dist.main:
-                write_results(out / f"ipc{ipc}", result, method=cfg.objective.method, ipc=ipc)
+                write_results(done.parent, result, method=method, ipc=ipc)
             dist.barrier()
-        records.append(json.loads(done.read_text()))
+        return json.loads(done.read_text())
+
+    records = []
+    for ipc in sorted(cfg.sample.ipc):
+        records.append(one(distilled, ipc, out / f"ipc{ipc}" / "results.json",
+                           cfg.objective.method))
+        if ipc in selected:
+            records.append(one(selected[ipc], ipc, out / f"selected-ipc{ipc}" / "results.json",
+                               selected_label(cfg)))
         if cfg.eval.baseline:
             records.append(random_real_record(cfg, source, test_source, test_x, ipc, device,
                                               progress, dist))
@@ -458,6 +486,83 @@ def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: P
 
 
 RANDOM_REAL = "random real"
+
+
+def selected_label(cfg: Config) -> str:
+    """The row name of a prototype-selected set: the method, and how it was picked."""
+    from ddfast.select import pool_size
+
+    n = pool_size(cfg.sample.pool, max(cfg.sample.ipc))
+    return f"{cfg.objective.method} + prototypes (pool {n})"
+
+
+def prototype_sets(cfg: Config, out: Path, draw, source, test_source, indices: torch.Tensor,
+                   classes, real: dict, device: torch.device, progress: bool,
+                   dist: Dist) -> dict[int, Path]:
+    """The prototype-selected set of every IPC (``out/selected/ipc<k>``): ``draw(folder, n)``
+    samples the pool (``out/pool``, drawn with the distilled set's seeds), a ConvNet trained
+    on every training image gives the features (cached per data set), and
+    ``ddfast.select.prototype_pick`` picks. Each set folder is written once, its manifest
+    last; a resumed run redoes only what is missing."""
+    from ddfast.data.cache import default_cache_dir
+    from ddfast.eval import load_folder_set
+    from ddfast.select import (
+        feature_epochs,
+        feature_network,
+        feature_network_name,
+        image_features,
+        pool_size,
+        prototype_pick,
+        write_selection,
+    )
+
+    n = pool_size(cfg.sample.pool, max(cfg.sample.ipc))
+    folders = {k: out / "selected" / f"ipc{k}" for k in sorted(cfg.sample.ipc)}
+    todo = [k for k, f in folders.items() if not (f / "manifest.json").is_file()]
+    pool = out / "pool"
+    if todo:
+        log(f"[select] pool of {n} samples per class in {pool}")
+        draw(pool, n)
+    if dist.main and todo:
+        network = feature_network_name(cfg.eval.networks)
+        epochs = feature_epochs(cfg.sample.feature_epochs, len(indices))
+        cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+        model, normalise, record = feature_network(
+            source, indices, test_source, network=network, protocol=cfg.eval.protocol,
+            epochs=epochs, seed=cfg.run.seed, device=device, dataset=cfg.data.source,
+            cache_dir=cache, progress=progress)
+        write_json(out / "selected" / "feature_network.json",
+                   {"network": network, "epochs": epochs, "protocol": cfg.eval.protocol,
+                    "training_images": len(indices), "test_accuracy": record["accuracy"]})
+        real_f = image_features(model, normalise, (
+            len(indices), lambda a, b: source.images(indices[a:b].tolist())))
+        real_y = source.labels[indices]
+        px, py, names = load_folder_set(pool, ipc=n)
+        if list(names) != list(source.class_names):
+            raise DdfastError(f"the pool's classes {names} differ from the data's "
+                              f"{source.class_names}; rerun with --overwrite")
+        pool_f = image_features(model, normalise, px)
+        for k in todo:
+            pick = prototype_pick(pool_f, py, real_f, real_y, k, seed=cfg.run.seed)
+            write_selection(pool, folders[k], pick)
+            log(f"[select] IPC {k}: {folders[k]}")
+    if dist.main:
+        for k, folder in folders.items():
+            write_class_grids(out / "grids" / f"selected-ipc{k}", folder, classes, real,
+                              min(k, 50))
+    dist.barrier()
+    return folders
+
+
+def selection_summary(out: Path, selected: dict[int, Path]) -> dict | None:
+    """What the summary says of the prototype-selected sets (None without them)."""
+    if not selected:
+        return None
+    path = out / "selected" / "feature_network.json"
+    return {"pool": str(out / "pool"),
+            "sets": {str(k): str(f) for k, f in selected.items()},
+            "grids": {str(k): str(out / "grids" / f"selected-ipc{k}") for k in selected},
+            "feature_network": json.loads(path.read_text()) if path.is_file() else None}
 
 
 def random_real_record(cfg: Config, source, test_source, test_x: torch.Tensor, ipc: int,

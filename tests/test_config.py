@@ -55,10 +55,21 @@ def test_unknown_key_lists_valid_ones():
     ("optim.ema_decay", "1.5", r"\[0, 1\)"),
     ("sample.guidance_scale", "0.5", ">= 1"),
     ("data.subset", "woof", "imagefolder only"),
+    ("sample.select", "kmeans", "not one of"),
+    ("sample.pool", "-1", "must not be negative"),
+    ("sample.pool", "20", "sample.select=prototypes only"),
+    ("sample.feature_epochs", "5", "sample.select=prototypes only"),
 ])
 def test_bad_values_are_rejected_with_a_reason(key, value, match):
     with pytest.raises(ConfigError, match=match):
         resolve("digits", {key: value})
+
+
+def test_a_pool_smaller_than_the_largest_ipc_is_refused():
+    with pytest.raises(ConfigError, match="sample.pool=5 is smaller than the largest IPC 10"):
+        resolve("digits", {"sample.select": "prototypes", "sample.ipc": "1,10",
+                           "sample.pool": "5"})
+    assert resolve("digits", {"sample.select": "prototypes", "sample.pool": "10"}).sample.pool == 10
 
 
 def test_unknown_preset():
@@ -95,7 +106,8 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
     cfg = resolve("smoke")
     old = cfg.to_dict()  # as written before the later keys existed
     for key in NON_RESULT_KEYS + ("data.holdout", "memory.refresh_every", "pretrain.decay",
-                                  "sample.guidance_interval"):
+                                  "sample.guidance_interval", "sample.select", "sample.pool",
+                                  "sample.feature_epochs"):
         section, name = key.split(".")
         old[section].pop(name)
     want = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
@@ -109,6 +121,10 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
         resolve("smoke", {"pretrain.decay": "linear"})
     interval = resolve("smoke", {"sample.guidance_interval": "80,580"})
     assert interval.sample.guidance_interval == (80, 580) and interval.digest() != want
+    select = resolve("smoke", {"sample.select": "prototypes"})
+    assert select.digest() != want
+    assert resolve("smoke", {"sample.select": "prototypes", "sample.pool": "40"}).digest() != \
+        select.digest()  # 40 is what 0 gives at IPC 2, but the setting differs as written
     for bad in ("580,80", "80", "-1,5", "1,2,3"):
         with pytest.raises(ConfigError, match="guidance_interval must be two timesteps"):
             resolve("smoke", {"sample.guidance_interval": bad})
