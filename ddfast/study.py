@@ -103,11 +103,13 @@ class Scale:
     # per image) measured beside it: from a pool of ``select_pool`` samples per class of each
     # method's model (repeat r's seeds, the chosen sampling setting), the sample nearest each of
     # IPC k-means centres of the class's training images (the full-data classifier's
-    # features), at ``select_ipc`` under the DC/DSA recipe; with ``random``, the real training
+    # features), at ``select_ipc`` under the recipes ``select_protocols`` (those of
+    # ``protocols``, each with its repeats and IPCs); with ``random``, the real training
     # images nearest the same centres (one set, a classifier seed per repeat), the coreset such
     # a pick competes with. 0: not computed.
     select_pool: int = 0
     select_ipc: tuple[int, ...] = (1, 10)
+    select_protocols: tuple[str, ...] = ("dc",)
     # Candidate generators (name -> overrides of ``base``), each trained from scratch in a study
     # of its own under ``<out>/generators/<name>`` and judged by this study's measures: its
     # samples at the chosen sampling setting against the held-out images, and its IPC-10 set
@@ -167,7 +169,7 @@ SCALES = {
             ablations=False, holdout=500, val_per_class=50, ipc_once=(50,),
             lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
             exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3, matched_pool=200,
-            select_pool=200,
+            select_pool=200, select_protocols=("dc", "small"),
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddim", 50), (2.0, "ddpm", 25), (2.0, "ddpm", 100)),
@@ -290,8 +292,9 @@ class Study:
             known = [f"{s}/{d}" for s, by in SCALES.items() for d in by]
             raise ConfigError(f"no scale {scale!r} for {dataset}: pass one of {', '.join(known)}")
         self.dataset, self.scale_name, self.scale = dataset, scale, SCALES[scale][dataset]
-        if repeats:
-            self.scale = replace(self.scale, repeats=repeats)
+        if repeats:  # the first ``repeats`` of every recipe
+            self.scale = replace(self.scale, repeats=repeats,
+                                 small_repeats=min(self.scale.repeats_of("small"), repeats))
         self.out, self.work = Path(out), Path(out) / "work"
         self.device, self.root, self.progress = device, root, progress
         self.flip = DATASETS[dataset]["flip"]
@@ -661,9 +664,21 @@ class Study:
             return self.work / "select" / f"real-ipc{ipc}"
         return self.work / "select" / f"{method}-p{self.scale.select_pool}-r{repeat}-ipc{ipc}"
 
-    def select_key(self, method: str, repeat: int, ipc: int) -> str:
+    def select_key(self, method: str, repeat: int, ipc: int, protocol: str = "dc") -> str:
         name = "real" if method == "random" else f"{method}-p{self.scale.select_pool}"
-        return f"select-{name}-r{repeat}-ipc{ipc}-dc"
+        return f"select-{name}-r{repeat}-ipc{ipc}-{protocol}"
+
+    def select_points(self, methods: tuple[str, ...] = METHODS, ipcs=None):
+        """(method, repeat, ipc, recipe) of every prototype-selection cell, IPC by IPC, each
+        recipe with its own repeats and IPCs (``Scale.repeats_of``, ``evaluates``)."""
+        s = self.scale
+        if not s.select_pool:
+            return
+        for ipc in (i for i in s.select_ipc if i in s.ipc and (ipcs is None or i in ipcs)):
+            for proto in (p for p in s.select_protocols if s.evaluates(p, ipc)):
+                for method in methods:
+                    for r in range(s.repeats_of(proto)):
+                        yield method, r, ipc, proto
 
     def selected_set(self, method: str, repeat: int, ipc: int):
         """(images, labels) of a prototype-selected set (``Scale.select_pool``), written once
@@ -928,13 +943,11 @@ class Study:
                 x, y = self.matched_set()
                 for r, key in enumerate(keys):  # one set, a classifier seed per repeat
                     self.evaluate_cell(key, x, y, "dc", r)
-        for ipc in (i for i in s.select_ipc if s.select_pool and i in wanted and i in s.ipc):
-            for method in methods:  # each pool, then each set, made once and kept on disk
-                for r in range(s.repeats):
-                    key = self.select_key(method, r, ipc)
-                    if not (self.work / "evals" / f"{key}.json").is_file():
-                        x, y = self.selected_set(method, r, ipc)
-                        self.evaluate_cell(key, x, y, "dc", r)
+        for method, r, ipc, proto in self.select_points(methods, wanted):
+            key = self.select_key(method, r, ipc, proto)  # each pool and set made once, kept
+            if not (self.work / "evals" / f"{key}.json").is_file():
+                x, y = self.selected_set(method, r, ipc)
+                self.evaluate_cell(key, x, y, proto, r)
         for ipc in (i for i in s.ipc_once if i in wanted):  # the costliest, after the others
             for method in methods:
                 x, y = self.method_set(method, 0, ipc)

@@ -164,66 +164,76 @@ def matched(study) -> dict | None:
 
 
 def selected(study) -> list[dict]:
-    """Prototype selection (``Scale.select_pool``; DC/DSA recipe), one row per method and IPC:
+    """Prototype selection (``Scale.select_pool``), one row per recipe, method and IPC:
     accuracy and diversity over the repeats (``random``: the real images nearest the
     prototypes, one set, a classifier seed per repeat). Empty where the scale draws no pool."""
     from ddfast.study import METHODS
 
     s = study.scale
-    if not s.select_pool:
-        return []
+    points: dict[tuple, list[int]] = {}
+    for method, r, ipc, proto in study.select_points():
+        points.setdefault((proto, method, ipc), []).append(r)
     out = []
-    for method in METHODS:
-        for ipc in (i for i in s.select_ipc if i in s.ipc):
-            cells = [json.loads(p.read_text()) for r in range(s.repeats)
-                     if (p := study.work / "evals" / f"{study.select_key(method, r, ipc)}.json")
-                     .is_file()]
-            out.append({"method": method, "ipc": ipc, "protocol": "dc",
-                        "pool": None if method == "random" else s.select_pool,
-                        "runs": s.repeats, "accuracy": _stats(cells),
-                        "pairwise": _stats(cells, "pairwise"),
-                        "coverage": _stats(cells, "coverage"),
-                        "repeats": [c["acc_best"] for c in cells]})
+    for proto in s.select_protocols:
+        for method in METHODS:
+            for ipc in s.select_ipc:
+                repeats = points.get((proto, method, ipc))
+                if repeats is None:
+                    continue
+                cells = [json.loads(p.read_text()) for r in repeats
+                         if (p := study.work / "evals" /
+                             f"{study.select_key(method, r, ipc, proto)}.json").is_file()]
+                out.append({"method": method, "ipc": ipc, "protocol": proto,
+                            "pool": None if method == "random" else s.select_pool,
+                            "runs": len(repeats), "accuracy": _stats(cells),
+                            "pairwise": _stats(cells, "pairwise"),
+                            "coverage": _stats(cells, "coverage"),
+                            "repeats": [c["acc_best"] for c in cells]})
     return out
 
 
 def select_lines(res: dict) -> list[str]:
-    """The prototype-selection table: each method's selected sets beside its sets as the
-    paper samples them and the random-real row, IPC by IPC (DC/DSA recipe)."""
+    """The prototype-selection tables, one per recipe: each method's selected sets beside its
+    sets as the paper samples them and the random-real row, IPC by IPC."""
     sel = res["selected"]
     ipcs = sorted({r["ipc"] for r in sel})
     pool = next((r["pool"] for r in sel if r["pool"]), 0)
     lines = ["Prototype selection, a departure from the paper's sampler (one seed per image), "
-             f"measured beside it (DC/DSA recipe): from {pool} samples per class of each "
+             f"measured beside it: from {pool} samples per class of each "
              "method's model (the repeat's seeds, the study's sampling setting), the sample "
              "nearest each of IPC k-means centres of the class's training images in the "
              "full-data ConvNet-3's features; \"real images nearest the prototypes\" takes the "
              "training images nearest the same centres (one set, a classifier seed per repeat). "
-             "Mean [min, max] over repeats; pairwise / coverage after each.", "",
-             "| set | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
-             "|---|" + "---:|" * len(ipcs)]
+             "Mean [min, max] over repeats; pairwise / coverage after each."]
 
-    def cell(row):
-        if row is None or row["accuracy"] is None:
+    def cell(row, want):
+        if row is None or not row.get("evaluated", True):
+            return "-"  # this recipe never evaluates this IPC
+        if row["accuracy"] is None:
             return "not run"
         pw, cov = _diversity(row)
         acc = row["accuracy"]
-        want = res["settings"]["repeats"]
         short = f" ({acc['n']} of {want})" if acc["n"] < want else ""
         return f"{_fmt(acc)}{short} ({pw} / {cov})"
 
-    main = {(r["method"], r["ipc"]): r for r in res["rows"] if r["protocol"] == "dc"}
-    chosen = {(r["method"], r["ipc"]): r for r in sel}
-    for method in dict.fromkeys(r["method"] for r in sel):
-        if method == "random":
-            label_main, label_sel = "random real", "real images nearest the prototypes"
-        else:
-            label_main = f"{LABELS[method]}, the paper's sampler"
-            label_sel = f"{LABELS[method]}, prototype selection"
-        lines.append(f"| {label_main} | "
-                     + " | ".join(cell(main.get((method, i))) for i in ipcs) + " |")
-        lines.append(f"| {label_sel} | "
-                     + " | ".join(cell(chosen.get((method, i))) for i in ipcs) + " |")
+    for proto in dict.fromkeys(r.get("protocol", "dc") for r in sel):
+        want = res["settings"]["small_repeats" if proto == "small" else "repeats"]
+        rows = [r for r in sel if r.get("protocol", "dc") == proto]
+        lines += ["", f"{PROTOCOL_NAMES[proto]}:", "",
+                  "| set | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+                  "|---|" + "---:|" * len(ipcs)]
+        main = {(r["method"], r["ipc"]): r for r in res["rows"] if r["protocol"] == proto}
+        chosen = {(r["method"], r["ipc"]): r for r in rows}
+        for method in dict.fromkeys(r["method"] for r in rows):
+            if method == "random":
+                label_main, label_sel = "random real", "real images nearest the prototypes"
+            else:
+                label_main = f"{LABELS[method]}, the paper's sampler"
+                label_sel = f"{LABELS[method]}, prototype selection"
+            lines.append(f"| {label_main} | "
+                         + " | ".join(cell(main.get((method, i)), want) for i in ipcs) + " |")
+            lines.append(f"| {label_sel} | "
+                         + " | ".join(cell(chosen.get((method, i)), want) for i in ipcs) + " |")
     return lines
 
 

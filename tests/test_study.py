@@ -305,12 +305,22 @@ def test_the_idc_recipe_runs_only_at_its_ipcs(study_dir, tmp_path, monkeypatch):
     out = tmp_path / "study"
     shutil.copytree(study_dir, out)
     scale = dataclasses.replace(SCALES["smoke"]["digits"], protocols=("dc", "small"),
-                                small_ipc=(1,))
+                                small_ipc=(1,), select_protocols=("dc", "small"))
     monkeypatch.setitem(SCALES["smoke"], "digits", scale)
     assert main(["--dataset", "digits", "--scale", "smoke", "--out", str(out),
                  "--methods", "random"]) == 0
     small = sorted(p.name for p in (out / "work" / "evals").glob("*-small.json"))
-    assert small == ["random-r0-ipc1-small.json"]
+    assert small == ["random-r0-ipc1-small.json", "select-real-r0-ipc1-small.json"]
+    picked = _cell(out, "select-real-r0-ipc1-small")  # the selected set under this recipe too
+    assert picked["protocol"] == "small" and picked["ipc"] == 1
+    sel = {(r["method"], r["ipc"]): r for r in json.loads((out / "results.json").read_text())
+           ["selected"] if r["protocol"] == "small"}
+    assert set(sel) == {(m, 1) for m in METHODS}
+    assert sel[("random", 1)]["repeats"] == [picked["acc_best"]]
+    assert sel[("dit", 1)]["accuracy"] is None  # not computed by this process
+    idc = (out / "results.md").read_text().split("Prototype selection")[1].split("IDC recipe")[1]
+    assert f"| real images nearest the prototypes | {picked['acc_best']:.1f} (" in idc
+    assert "| DiT (no fine-tune), prototype selection | not run | - |" in idc
     cell = _cell(out, "random-r0-ipc1-small")
     assert cell["protocol"] == "small" and cell["ipc"] == 1
     rows = {(r["method"], r["ipc"]): r for r in json.loads((out / "results.json").read_text())
@@ -324,6 +334,22 @@ def test_the_idc_recipe_runs_only_at_its_ipcs(study_dir, tmp_path, monkeypatch):
     assert "| DiT (no fine-tune) | not run | - | - |" in table
     # the DC cells are the committed ones, untouched
     assert _cell(out, "random-r0-ipc1-dc") == _cell(study_dir, "random-r0-ipc1-dc")
+
+
+def test_repeats_limits_every_recipe_and_selection_follows_each_recipes_repeats(tmp_path):
+    cpu = Study("fashion-mnist", "cpu", tmp_path / "a")
+    points = list(cpu.select_points())
+    assert {(m, r, i, p) for m, r, i, p in points} == {
+        (m, r, i, p) for m in METHODS for r in range(3) for i in (1, 10) for p in ("dc", "small")}
+    assert len(points) == len(set(points))
+    assert cpu.select_key("dit", 2, 10, "small") == "select-dit-p200-r2-ipc10-small"
+    assert cpu.select_key("random", 0, 1) == "select-real-r0-ipc1-dc"
+    one = Study("fashion-mnist", "cpu", tmp_path / "b", repeats=1)
+    assert one.scale.repeats_of("dc") == one.scale.repeats_of("small") == 1
+    assert {r for _, r, _, _ in one.select_points()} == {0}
+    assert list(one.select_points(("random",), {10}))[0] == ("random", 0, 10, "dc")
+    digits = Study("digits", "cpu", tmp_path / "c", repeats=2)  # its IDC recipe runs once
+    assert (digits.scale.repeats_of("dc"), digits.scale.repeats_of("small")) == (2, 1)
 
 
 def test_a_full_classifier_of_other_settings_is_refused(study_dir):
