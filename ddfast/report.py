@@ -101,6 +101,18 @@ def report_markdown(config: dict, summary: dict, table: str | None,
         lines += [f"## {title}", "", f"![{Path(rel).stem}]({rel})", ""]
     lines += ["## Class grids (real images on top, distilled below)", ""]
     lines += [f"![{Path(g).stem}](grids/{Path(g).name})" for g in summary.get("grids", [])]
+    sel = summary.get("selected")
+    if sel:
+        net = sel.get("feature_network") or {}
+        lines += ["", "## Prototype-selected sets (real images on top, picked samples below)", "",
+                  f"Picked from the pool `{Path(sel['pool']).name}/` in the features of a "
+                  f"{net.get('network', 'ConvNet')} trained on every training image "
+                  f"({net.get('test_accuracy', float('nan')):.2f} % on the test split).", ""]
+        for k, folder in sel["grids"].items():
+            lines += [f"IPC {k}:", ""]
+            lines += [f"![{k}-{Path(g).stem}](grids/{Path(folder).name}/{Path(g).name})"
+                      for g in summary.get("grids", [])]  # the same class files
+            lines += [""]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in summary.get("timings_s", {}).items()]
     return "\n".join(lines) + "\n"

@@ -88,7 +88,12 @@ def test_selected_sets_are_the_prototype_picks_of_the_pool(selected, capsys):
         assert f"IPC {k} convnet3: ours + prototypes (pool 5)" in table
         rec = json.loads((out / "eval" / f"selected-ipc{k}" / "results.json").read_text())
         assert rec["num_train"] == 10 * k and rec["method"] == "ours + prototypes (pool 5)"
-    assert "ours + prototypes" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "ours + prototypes" in report and "Prototype-selected sets" in report
+    for k in (1, 2):  # every grid the report shows is there
+        shown = [line.split("](")[1][:-1] for line in report.splitlines()
+                 if line.startswith(f"![{k}-")]
+        assert len(shown) == 10 and all((out / rel).is_file() for rel in shown)
     assert set(summary["selected"]["sets"]) == {"1", "2"}
 
 
