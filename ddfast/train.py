@@ -507,6 +507,8 @@ def prototype_sets(cfg: Config, out: Path, draw, source, test_source, indices: t
     from ddfast.data.cache import default_cache_dir
     from ddfast.eval import load_folder_set
     from ddfast.select import (
+        FEATURE_BATCH,
+        FEATURE_RECIPE,
         feature_epochs,
         feature_network,
         feature_network_name,
@@ -528,11 +530,11 @@ def prototype_sets(cfg: Config, out: Path, draw, source, test_source, indices: t
         epochs = feature_epochs(cfg.sample.feature_epochs, len(indices))
         cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
         model, normalise, record = feature_network(
-            source, indices, test_source, network=network, protocol=cfg.eval.protocol,
-            epochs=epochs, seed=cfg.run.seed, device=device, dataset=cfg.data.source,
-            cache_dir=cache, progress=progress)
+            source, indices, test_source, network=network, epochs=epochs, seed=cfg.run.seed,
+            device=device, dataset=cfg.data.source, cache_dir=cache, progress=progress)
         write_json(out / "selected" / "feature_network.json",
-                   {"network": network, "epochs": epochs, "protocol": cfg.eval.protocol,
+                   {"network": network, "epochs": epochs, "protocol": FEATURE_RECIPE,
+                    "batch_size": FEATURE_BATCH,
                     "training_images": len(indices), "test_accuracy": record["accuracy"]})
         real_f = image_features(model, normalise, (
             len(indices), lambda a, b: source.images(indices[a:b].tolist())))

@@ -60,8 +60,8 @@ def test_selected_sets_are_the_prototype_picks_of_the_pool(selected, capsys):
     idx = training_indices(source.labels, cfg.data.max_per_class, cfg.data.holdout)
     capsys.readouterr()
     model, normalise, record = feature_network(
-        source, idx, test, network="convnet3", protocol="small", epochs=3, seed=0,
-        device=torch.device("cpu"), dataset="digits", cache_dir=default_cache_dir())
+        source, idx, test, network="convnet3", epochs=3, seed=0, device=torch.device("cpu"),
+        dataset="digits", cache_dir=default_cache_dir())
     assert "feature network from" in capsys.readouterr().out
     assert summary["selected"]["feature_network"]["test_accuracy"] == record["accuracy"]
     real_f = image_features(model, normalise, source.images(idx.tolist()))
