@@ -256,8 +256,8 @@ def feature_network(source, indices: torch.Tensor, test_source, *, network: str,
 
 
 def image_features(model, normalise, images, batch: int = 2000) -> torch.Tensor:
-    """(N, F) float32 features, on the CPU, of uint8 images (N, C, H, W): a tensor, or a
-    callable ``images(start, stop)`` that loads them a batch at a time."""
+    """(N, F) float32 features, on the CPU, of uint8 images (N, C, H, W): a tensor, or a pair
+    ``(N, load)`` whose ``load(start, stop)`` reads them a batch at a time."""
     from ddfast.eval.diversity import features
 
     if torch.is_tensor(images):
