@@ -488,6 +488,14 @@ def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: P
 RANDOM_REAL = "random real"
 
 
+def cache_folder(cfg: Config) -> Path:
+    """Where results shared by every run on the same data are cached: ``--data.cache_dir``, else
+    ``$DDFAST_CACHE`` or ``~/.cache/ddfast`` (the latent cache's folder)."""
+    from ddfast.data.cache import default_cache_dir
+
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+
+
 def selected_label(cfg: Config) -> str:
     """The row name of a prototype-selected set: the method, and how it was picked."""
     from ddfast.select import pool_size
@@ -504,7 +512,6 @@ def prototype_sets(cfg: Config, out: Path, draw, source, test_source, indices: t
     on every training image gives the features (cached per data set), and
     ``ddfast.select.prototype_pick`` picks. Each set folder is written once, its manifest
     last; a resumed run redoes only what is missing."""
-    from ddfast.data.cache import default_cache_dir
     from ddfast.eval import load_folder_set
     from ddfast.select import (
         FEATURE_BATCH,
@@ -528,10 +535,10 @@ def prototype_sets(cfg: Config, out: Path, draw, source, test_source, indices: t
     if dist.main and todo:
         network = feature_network_name(cfg.eval.networks)
         epochs = feature_epochs(cfg.sample.feature_epochs, len(indices))
-        cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
         model, normalise, record = feature_network(
             source, indices, test_source, network=network, epochs=epochs, seed=cfg.run.seed,
-            device=device, dataset=cfg.data.source, cache_dir=cache, progress=progress)
+            device=device, dataset=cfg.data.source, cache_dir=cache_folder(cfg),
+            progress=progress)
         write_json(out / "selected" / "feature_network.json",
                    {"network": network, "epochs": epochs, "protocol": FEATURE_RECIPE,
                     "batch_size": FEATURE_BATCH,
@@ -574,7 +581,6 @@ def random_real_record(cfg: Config, source, test_source, test_x: torch.Tensor, i
     folder, beside the latent cache), so every run on the same data reuses it."""
     from dataclasses import asdict
 
-    from ddfast.data.cache import default_cache_dir
     from ddfast.eval import evaluate, load_source_set
     from ddfast.eval.protocol import get_protocol
 
@@ -587,7 +593,7 @@ def random_real_record(cfg: Config, source, test_source, test_x: torch.Tensor, i
            "seed": cfg.run.seed, "dataset": cfg.data.source, "device": device.type}
     key = json.loads(json.dumps(key))  # as it reads back from the cache (tuples -> lists)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+    folder = cache_folder(cfg)
     path = folder / "baselines" / f"random-real-{digest}.json"
     if path.is_file():
         try:
