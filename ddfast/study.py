@@ -701,8 +701,43 @@ class Study:
                 pool = self.resampled(method, repeat, n)
                 px, py, _ = load_folder_set(pool, ipc=n)
                 write_selection(pool, folder, prototype_pick(self._features(px), py, f, y, ipc))
+        else:
+            self._check_selection(folder, method, repeat, ipc)
         x, y, _ = load_folder_set(folder, ipc=ipc)
         return x, y
+
+    def _check_selection(self, folder: Path, method: str, repeat: int, ipc: int) -> None:
+        """Refuse a selected set written under other settings (another pool size, sampling
+        setting or repeat's seeds) instead of evaluating it as this study's."""
+        from ddfast.diffusion import image_seed
+
+        rec = json.loads((folder / "manifest.json").read_text())
+        problems = []
+        if rec.get("ipc") != ipc:
+            problems.append(f"{rec.get('ipc')} images per class, not {ipc}")
+        if method != "random":
+            if rec.get("pool_ipc") != self.scale.select_pool:
+                problems.append(f"a pool of {rec.get('pool_ipc')} per class, not "
+                                f"{self.scale.select_pool}")
+            c = self.config("probe", self.sampling()).sample  # the setting every pool uses
+            want = (float(c.guidance_scale), c.sampler, int(c.steps),
+                    [int(v) for v in c.guidance_interval or ()])
+            s = rec.get("sampler") or {}
+            have = (float(s.get("guidance_scale", "nan")), s.get("name"), s.get("steps"),
+                    [int(v) for v in s.get("guidance_interval", ())])
+            if have != want:
+                problems.append(f"sampler {s} where the study samples with guidance "
+                                f"{want[0]:g}, {want[1]}, {want[2]} steps")
+            wrong = [m["pool_file"] for m in rec.get("images", [])
+                     if m.get("seed") != image_seed(repeat, m["class"],
+                                                    int(Path(m["pool_file"]).stem))]
+            if wrong:
+                problems.append(f"{len(wrong)} images not drawn with repeat {repeat}'s seeds "
+                                f"(first: {wrong[0]})")
+        if problems:
+            raise ConfigError(f"{folder} holds a selection of other settings: "
+                              f"{'; '.join(problems)}. Delete it (it is made again from its "
+                              "pool) or use another --out")
 
     def exact_points(self):
         """(guidance, draw, cell key) of every exact-generator cell of this scale."""

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -559,6 +560,25 @@ def test_prototype_selection_picks_each_methods_pool_samples_nearest_the_real_ce
         centre = kmeans(f[members], 1)
         nearest = idx[members[torch.cdist(centre, f[members].double())[0].argmin()]]
         assert torch.equal(x[c], train.images([int(nearest)])[0]) and int(y[c]) == c
+
+
+def test_a_selected_set_of_other_settings_is_refused_not_evaluated(study_dir, tmp_path):
+    study = Study("digits", "smoke", study_dir)
+    study.report()
+    folder = study.select_folder("ours-step", 0, 10)
+    study._check_selection(folder, "ours-step", 0, 10)  # the study's own passes
+    with pytest.raises(ConfigError, match="not drawn with repeat 1's seeds"):
+        study._check_selection(folder, "ours-step", 1, 10)
+    changes = {"pool_ipc": (study.scale.select_pool + 1, "a pool of"),
+               "sampler": ({"name": "ddim", "steps": 50, "guidance_scale": 2.0}, "sampler"),
+               "ipc": (5, "5 images per class")}
+    for field, (value, message) in changes.items():
+        copy = tmp_path / field
+        shutil.copytree(folder, copy)
+        rec = json.loads((copy / "manifest.json").read_text())
+        (copy / "manifest.json").write_text(json.dumps({**rec, field: value}))
+        with pytest.raises(ConfigError, match=message):
+            study._check_selection(copy, "ours-step", 0, 10)
 
 
 def test_the_exact_generator_reference_is_drawn_from_the_training_pool(study_dir):
