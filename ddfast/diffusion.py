@@ -286,7 +286,8 @@ def sample(model_fn: ModelFn | torch.nn.Module, labels: Tensor, *, latent_shape:
            guidance_scale: float = 4.0, guidance_channels: str = "first3", eta: float = 0.0,
            diffusion: Diffusion | None = None, device: torch.device | str | None = None,
            autocast_dtype: torch.dtype | None = None,
-           guidance_interval: Sequence[int] | None = None) -> Tensor:
+           guidance_interval: Sequence[int] | None = None, anchor: Tensor | None = None,
+           strength: float = 1.0) -> Tensor:
     """Sample latents conditioned on ``labels`` (B,); returns (B, C, H, W) fp32 on ``device``.
 
     model_fn(x, t, y) -> (B, 2C, H, W), or a DiTTransformer2DModel (wrapped by dit_model_fn); it
@@ -302,6 +303,11 @@ def sample(model_fn: ModelFn | torch.nn.Module, labels: Tensor, *, latent_shape:
     timestep lies inside, one conditional forward elsewhere (Kynkaanniemi et al. 2024, "Applying
     guidance in a limited interval"); None or empty: every step.
     autocast_dtype: e.g. torch.bfloat16 for the model forward; the updates stay fp32.
+    anchor (B, C, H, W): start from it instead of pure noise (SDEdit, Meng et al. 2022; D4M,
+    Su et al. 2024, starts from k-means prototypes of real latents): the process visits only
+    the timesteps at or below ``strength * (T - 1)`` and starts at the largest of them, t0,
+    from sqrt(abar[t0]) * anchor + sqrt(1 - abar[t0]) * noise, the noise drawn as the initial
+    draw (strength 1 with any anchor is the plain sampler up to abar[T - 1]'s residue).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -320,13 +326,27 @@ def sample(model_fn: ModelFn | torch.nn.Module, labels: Tensor, *, latent_shape:
     if noise is not None and tuple(noise.shape) != (b, *shape):
         raise ValueError(f"noise must be {(b, *shape)}, got {tuple(noise.shape)}")
     base = diffusion if diffusion is not None else Diffusion(device=dev)
-    proc = base.respaced(timesteps if timesteps is not None
-                         else respaced_timesteps(base.num_steps, steps))
+    visit = (list(timesteps) if timesteps is not None
+             else respaced_timesteps(base.num_steps, steps))
+    if anchor is not None:
+        if tuple(anchor.shape) != (b, *shape):
+            raise ValueError(f"anchor must be {(b, *shape)}, got {tuple(anchor.shape)}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must lie in (0, 1], got {strength}")
+        top = strength * (base.num_steps - 1)
+        visit = [t for t in visit if t <= top + 1e-9]
+        if not visit:
+            raise ValueError(f"strength {strength} lies below every sampled timestep: raise it "
+                             "or sample more steps")
+    proc = base.respaced(visit)
     if isinstance(model_fn, torch.nn.Module):
         model_fn = dit_model_fn(model_fn)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds] if seeds is not None else []
     x = (_draw(gens, shape, dev) if noise is None
          else noise.to(device=dev, dtype=torch.float32))  # (B, C, H, W)
+    if anchor is not None:  # q(x_t0 | anchor), t0 the first step visited
+        ab = float(base.tables64["alphas_cumprod"][max(int(t) for t in visit)])
+        x = math.sqrt(ab) * anchor.to(device=dev, dtype=torch.float32) + math.sqrt(1.0 - ab) * x
     labels = labels.to(dev)
     if guidance_interval:
         lo, hi = (int(v) for v in guidance_interval)

@@ -280,6 +280,47 @@ def test_explicit_noise_and_argument_checks():
         sample(_elementwise, labels, seeds=[1], **kw)
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("strength", [0.3, 0.55, 1.0])
+def test_an_anchored_start_noises_the_anchor_to_the_first_visited_timestep(sampler, strength):
+    labels, seeds = torch.tensor([1, 2]), [11, 12]
+    anchor = torch.linspace(-1, 1, 2 * 16).reshape(2, 4, 2, 2)
+    seen = []
+
+    def point_mass(x, t, y):  # predicts the noise exactly for data that is the anchor alone
+        ab = torch.tensor([abar_of(int(v)) for v in t], dtype=torch.float64).view(-1, 1, 1, 1)
+        seen.append((int(t[0]), x.clone()))
+        eps = (x.double() - ab.sqrt() * anchor) / (1 - ab).sqrt()
+        return torch.cat([eps.float(), torch.zeros_like(x)], 1)
+
+    z = sample(point_mass, labels, latent_shape=(4, 2, 2), null_label=99, steps=20,
+               sampler=sampler, seeds=seeds, anchor=anchor, strength=strength,
+               guidance_scale=1.0)
+    visited = [t for t, _ in seen]
+    want = [t for t in respaced_timesteps(1000, 20) if t <= strength * 999]
+    assert visited == sorted(want, reverse=True)
+    # The start: q(x_t0 | anchor), its noise each image's first draw from its seed.
+    t0, x0 = seen[0]
+    noise = torch.stack([torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(s))
+                         for s in seeds])
+    start = math.sqrt(abar_of(t0)) * anchor.double() + math.sqrt(1 - abar_of(t0)) * noise.double()
+    torch.testing.assert_close(x0.double(), start, rtol=0, atol=1e-6)  # fp32 of O(1) values
+    # Every step then predicts the anchor, and the last step returns it.
+    torch.testing.assert_close(z, anchor, rtol=0, atol=1e-4)
+
+
+def test_anchored_start_argument_checks():
+    labels, seeds = torch.tensor([1, 2]), [11, 12]
+    kw = dict(latent_shape=(4, 2, 2), null_label=99, steps=4, seeds=seeds)
+    with pytest.raises(ValueError, match="anchor must be"):
+        sample(_elementwise, labels, anchor=torch.zeros(2, 4, 2, 3), **kw)
+    with pytest.raises(ValueError, match="strength must lie in"):
+        sample(_elementwise, labels, anchor=torch.zeros(2, 4, 2, 2), strength=0.0, **kw)
+    with pytest.raises(ValueError, match="below every sampled timestep"):
+        sample(_elementwise, labels, anchor=torch.zeros(2, 4, 2, 2), strength=0.0001,
+               **{**kw, "timesteps": [500, 999]})
+
+
 def test_autocast_runs_the_forward_in_bf16_and_updates_in_fp32():
     seen = []
     lin = torch.nn.Linear(4, 8)
