@@ -63,15 +63,23 @@ def write_distilled(out_dir: Path, model, vae, diffusion: Diffusion, classes: li
                     guidance_channels: str, seed: int, batch_size: int, device: torch.device,
                     precision: str = "fp32", progress: bool = False,
                     config_digest: str = "", dist: Dist | None = None,
-                    guidance_interval: tuple[int, ...] = ()) -> dict:
+                    guidance_interval: tuple[int, ...] = (),
+                    anchors: dict[int, torch.Tensor] | None = None, strength: float = 1.0) -> dict:
     """Sample ``ipc`` images per class into ``out_dir/<class folder>/<index>.png``.
 
     Returns the manifest (also written as ``out_dir/manifest.json``). With ``dist`` the batches
     are dealt to the ranks in turn; a batch holds the same images whatever the number of ranks,
     so the set is byte-identical on any number of processes. Rank 0 writes the manifest once
-    every rank is done.
+    every rank is done. ``anchors`` ({class index: (ipc, c, h, w)} in the model's space, e.g.
+    ``ddfast.select.cluster_anchors``): image i of a class starts from its class's anchor i,
+    noised to ``strength`` of the schedule (``ddfast.diffusion.sample``), instead of noise.
     """
     dist = dist or Dist.single()
+    short = [c.name for c in classes
+             if anchors is not None and (c.index not in anchors or len(anchors[c.index]) < ipc)]
+    if short:
+        raise ValueError(f"anchored sampling of {ipc} per class: class {short[0]!r} has fewer "
+                         f"than {ipc} anchors")
     jobs = [(c, i) for c in classes for i in range(ipc)]
     todo = [(c, i) for c, i in jobs if not (out_dir / c.folder / f"{i:05d}.png").is_file()]
     todo = dist.broadcast_object(todo)  # one list, read before any rank writes
@@ -82,11 +90,13 @@ def write_distilled(out_dir: Path, model, vae, diffusion: Diffusion, classes: li
         chunk = todo[start:start + batch_size]
         labels = torch.tensor([c.cond_label for c, _ in chunk], device=device)
         seeds = [image_seed(seed, c.index, i) for c, i in chunk]
+        anchor = (None if anchors is None
+                  else torch.stack([anchors[c.index][i] for c, i in chunk]))
         z = sample(model, labels, seeds=seeds, latent_shape=latent_shape, steps=steps,
                    sampler=sampler, guidance_scale=guidance_scale,
                    guidance_channels=guidance_channels, null_label=null_label,
                    diffusion=diffusion, device=device, autocast_dtype=autocast_dtype,
-                   guidance_interval=guidance_interval)
+                   guidance_interval=guidance_interval, anchor=anchor, strength=strength)
         images = decode(z, vae, scale)  # (B, C, H, W)
         for (c, i), img in zip(chunk, images, strict=True):
             write_png(out_dir / c.folder / f"{i:05d}.png", to_uint8_image(img))
@@ -94,7 +104,9 @@ def write_distilled(out_dir: Path, model, vae, diffusion: Diffusion, classes: li
         "config_digest": config_digest,
         "ipc": ipc,
         "seed": seed,
-        "rule": "the IPC-k set is the first k files of each class folder in sorted order",
+        "rule": ("the IPC-k set is the first k files of each class folder in sorted order"
+                 if anchors is None else "image i of a class starts from its class's anchor i"),
+        **({"anchored": {"strength": strength}} if anchors is not None else {}),
         "sampler": {"name": sampler, "steps": steps, "guidance_scale": guidance_scale,
                     "guidance_channels": guidance_channels,
                     **({"guidance_interval": list(guidance_interval)}

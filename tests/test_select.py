@@ -6,7 +6,7 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 
-from ddfast.select import kmeans, prototype_pick
+from ddfast.select import cluster_anchors, kmeans, prototype_pick
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +131,30 @@ def test_write_selection_copies_the_picked_pool_files_and_refuses_uneven_picks(t
     with pytest.raises(IndexError, match="outside the pool of 6"):
         write_selection(pool, tmp_path / "outside", torch.tensor([0, 6]))
     assert not (tmp_path / "uneven").exists() and not (tmp_path / "outside").exists()
+
+
+def test_cluster_anchors_are_the_mean_items_of_each_prototypes_cluster(digits):
+    x, y = digits
+    feats = x.float() * 0.5 + 1.0  # features and items differ; the clusters come from features
+    images = x.reshape(-1, 1, 8, 8) / 8.0 - 1.0  # the items, in the model's [-1, 1]
+
+    def items(c):
+        return images[y == c]
+
+    anchors = cluster_anchors(feats, y, items, 3, seed=0)
+    assert sorted(anchors) == list(range(10))
+    for c in (0, 7):
+        f = feats[y == c].double()
+        centres = kmeans(f, 3, seed=0)  # the centres prototype_pick would answer
+        assign = torch.cdist(f, centres).argmin(dim=1)
+        want = torch.stack([items(c)[assign == j].float().mean(0) for j in range(3)])
+        assert anchors[c].shape == (3, 1, 8, 8) and anchors[c].dtype == torch.float32
+        torch.testing.assert_close(anchors[c], want, rtol=0, atol=0)
+    # With the features as items, each anchor is its centre (k-means' fixed point).
+    one = cluster_anchors(x, y, lambda c: x[y == c], 4, seed=0)
+    torch.testing.assert_close(one[3].double(), kmeans(x[y == 3], 4, seed=0),
+                               rtol=0, atol=1e-5)  # fp32 anchors of values up to 16
+    with pytest.raises(ValueError, match="fewer than the 200 anchors"):
+        cluster_anchors(x, y, items, 200)
+    with pytest.raises(ValueError, match="items"):
+        cluster_anchors(x, y, lambda c: images[:5], 2)

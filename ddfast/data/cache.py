@@ -81,6 +81,13 @@ class LatentSet:
         return LatentSet(move(self.labels), move(self.images), move(self.mean), move(self.std),
                          self.scale, self.key, self.hflip)
 
+    def items(self, index: torch.Tensor) -> torch.Tensor:
+        """The model-space items at ``index`` (B,) as they are, unflipped: pixels in [-1, 1],
+        or the posterior mean latents times the scale. (B, c, h, w) float32."""
+        if self.images is not None:
+            return to_model_range(self.images[index])
+        return self.mean[index, 0] * self.scale
+
     def draw(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents z0 for the items at ``index`` (B,), each flipped with probability 1/2
         (never when ``hflip`` is off).
