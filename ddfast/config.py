@@ -97,9 +97,10 @@ class SampleConfig:
     guidance_interval: tuple[int, ...] = ()  # lo,hi timesteps guided (else conditional); ()=all
     batch_size: int = 64  # images per sampling forward
     seed: int = 0  # base of the per-image seeds (seed, class, index)
-    select: str = "none"  # none (the paper's sampler) | prototypes (also: a pool, k-means picks)
+    select: str = "none"  # none (paper's sampler) | prototypes (pool picks) | anchored (D4M)
     pool: int = 0  # prototypes: samples per class in the pool; 0 = 20 x the largest IPC
-    feature_epochs: int = 0  # prototypes: feature network epochs; 0 = about 192,000 images
+    feature_epochs: int = 0  # prototypes, anchored: feature network epochs; 0 = ~192,000 images
+    strength: float = 0.0  # anchored: noise level of the start, in (0, 1]; 0 = 0.3
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class Config:
 # left out of the digest at that value, so an older run folder still resumes and matches.
 LATER_KEYS = {"data.holdout": 0, "memory.refresh_every": 0, "pretrain.decay": "constant",
               "sample.guidance_interval": (), "sample.select": "none", "sample.pool": 0,
-              "sample.feature_epochs": 0}
+              "sample.feature_epochs": 0, "sample.strength": 0.0}
 # Settings that do not change results: outside the digest, and free to change on --resume
 # (eval.baseline adds the random-real row beside the method's; the method's figures stay).
 NON_RESULT_KEYS = ("run.out", "run.device", "run.progress", "run.log_every", "run.ckpt_every",
@@ -193,7 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dit_weights": ("ema", "model"),
     "objective.method": ("ours", "minimax", "dit"),
     "pretrain.decay": ("constant", "cosine"),
-    "sample.select": ("none", "prototypes"),
+    "sample.select": ("none", "prototypes", "anchored"),
     "memory.policy": ("auto", "adaptive", "fifo"),
     "memory.timing": ("step", "epoch"),
     "optim.trainable": ("difffit", "all"),
@@ -388,9 +389,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sample.pool={cfg.sample.pool} is smaller than the largest IPC "
                           f"{max(cfg.sample.ipc)}: draw a pool of at least that many samples "
                           f"per class (0 = 20 x the largest IPC)")
-    if cfg.sample.select == "none" and (cfg.sample.pool or cfg.sample.feature_epochs):
-        raise ConfigError("sample.pool and sample.feature_epochs apply to "
-                          "sample.select=prototypes only: set it, or drop them")
+    if cfg.sample.select == "none" and cfg.sample.feature_epochs:
+        raise ConfigError("sample.feature_epochs applies to sample.select=prototypes or "
+                          "anchored only: set one, or drop it")
+    if cfg.sample.select != "prototypes" and cfg.sample.pool:
+        raise ConfigError("sample.pool applies to sample.select=prototypes only: set it, or "
+                          "drop sample.pool")
+    if not 0.0 <= cfg.sample.strength <= 1.0:
+        raise ConfigError(f"sample.strength must lie in [0, 1] (0 = the default), got "
+                          f"{cfg.sample.strength}")
+    if cfg.sample.select != "anchored" and cfg.sample.strength:
+        raise ConfigError("sample.strength applies to sample.select=anchored only: set it, or "
+                          "drop sample.strength")
     if cfg.objective.method != "dit" and cfg.optim.steps == 0 and cfg.optim.epochs == 0:
         raise ConfigError("set optim.steps or optim.epochs above 0 (or objective.method=dit)")
     for key, value in (("optim.ema_decay", cfg.optim.ema_decay),

@@ -104,10 +104,17 @@ def report_markdown(config: dict, summary: dict, table: str | None,
     sel = summary.get("selected")
     if sel:
         net = sel.get("feature_network") or {}
-        lines += ["", "## Prototype-selected sets (real images on top, picked samples below)", "",
-                  f"Picked from the pool `{Path(sel['pool']).name}/` in the features of a "
-                  f"{net.get('network', 'ConvNet')} trained on every training image "
-                  f"({net.get('test_accuracy', float('nan')):.2f} % on the test split).", ""]
+        where = (f"in the features of a {net.get('network', 'ConvNet')} trained on every "
+                 f"training image ({net.get('test_accuracy', float('nan')):.2f} % on the test "
+                 "split)")
+        if sel.get("rule") == "anchored":
+            lines += ["", "## Anchored sets (real images on top, samples below)", "",
+                      f"Each sample started from the mean training item of one k-means "
+                      f"prototype {where}, noised to strength {sel.get('strength')}.", ""]
+        else:
+            lines += ["", "## Prototype-selected sets (real images on top, picked samples "
+                      "below)", "", f"Picked from the pool `{Path(sel['pool']).name}/` {where}.",
+                      ""]
         for k, folder in sel["grids"].items():
             lines += [f"IPC {k}:", ""]
             lines += [f"![{k}-{Path(g).stem}](grids/{Path(folder).name}/{Path(g).name})"

@@ -351,14 +351,15 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         sampler_model = perf.compile(
             model, mode="reduce-overhead" if device.type == "cuda" else "default")
 
-    def draw(folder: Path, n: int) -> None:
+    def draw(folder: Path, n: int, anchors: dict | None = None) -> None:
         write_distilled(folder, sampler_model, decode_vae, diffusion, classes, n,
                         latent_shape=latents.latent_shape, null_label=null, scale=scale,
                         steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
                         guidance_channels=s.guidance_channels, seed=s.seed,
                         batch_size=s.batch_size, device=device, precision=precision,
                         progress=progress, config_digest=cfg.digest(), dist=dist,
-                        guidance_interval=s.guidance_interval)
+                        guidance_interval=s.guidance_interval, anchors=anchors,
+                        strength=anchor_strength(cfg))
 
     draw(distilled, ipc)
     real = {}
@@ -370,14 +371,15 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         grids = write_class_grids(out / "grids", distilled, classes, real, min(ipc, 50))
     timings["sample"] = time.perf_counter() - t
 
-    # Stage 3b (sample.select=prototypes, a departure from the paper's sampler): a pool per
-    # class, and for each IPC the pool samples nearest the k-means prototypes of the class's
-    # training images in a full-data ConvNet's features (ddfast/select.py).
+    # Stage 3b (sample.select, a departure from the paper's sampler): k-means prototypes of
+    # each class's training images in a full-data ConvNet's features, answered for each IPC by
+    # the nearest samples of a pool (prototypes) or by one sample started from each
+    # prototype's mean item (anchored; ddfast/select.py).
     selected: dict[int, Path] = {}
-    if s.select == "prototypes":
+    if s.select != "none":
         t = time.perf_counter()
         selected = prototype_sets(cfg, out, draw, source, test_source, indices, classes, real,
-                                  device, progress, dist)
+                                  device, progress, dist, latents)
         timings["select"] = time.perf_counter() - t
 
     # Stage 4: train fresh classifiers on the distilled set, test on real data (method.md 5).
@@ -402,7 +404,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         "held_out": cfg.data.holdout * len(source.class_names),
         "model": str(out / "model") if cfg.objective.method != "dit" else None,
         "grids": [str(p) for p in grids],
-        "selected": selection_summary(out, selected),
+        "selected": selection_summary(cfg, out, selected),
         "evaluation": str(out / "eval" / "results.md") if table else None,
         "metrics": str(metrics),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
@@ -419,8 +421,10 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         f"(IPC k = the first k files of each class)")
     log(f"  class grids   : {out / 'grids'}")
     if selected:
+        how = (f"picked from {out / 'pool'}" if s.select == "prototypes"
+               else "started from the prototypes")
         log(f"  selected sets : {out / 'selected'}/ipc<k>/<class>/<index>.png (one folder per "
-            f"IPC, picked from {out / 'pool'}; grids in {out / 'grids'}/selected-ipc<k>)")
+            f"IPC, {how}; grids in {out / 'grids'}/selected-ipc<k>)")
     if summary["model"]:
         log(f"  model         : {summary['model']} (diffusers format)")
     log(f"  metrics       : {metrics}")
@@ -497,25 +501,40 @@ def cache_folder(cfg: Config) -> Path:
 
 
 def selected_label(cfg: Config) -> str:
-    """The row name of a prototype-selected set: the method, and how it was picked."""
+    """The row name of a selection stage's set: the method, and how the set was made."""
     from ddfast.select import pool_size
 
+    if cfg.sample.select == "anchored":
+        return f"{cfg.objective.method} + anchored (strength {anchor_strength(cfg):g})"
     n = pool_size(cfg.sample.pool, max(cfg.sample.ipc))
     return f"{cfg.objective.method} + prototypes (pool {n})"
 
 
+def anchor_strength(cfg: Config) -> float:
+    """The noise level anchored sampling starts from (1 = the paper's sampler)."""
+    from ddfast.select import ANCHOR_STRENGTH
+
+    if cfg.sample.select != "anchored":
+        return 1.0
+    return cfg.sample.strength or ANCHOR_STRENGTH
+
+
 def prototype_sets(cfg: Config, out: Path, draw, source, test_source, indices: torch.Tensor,
                    classes, real: dict, device: torch.device, progress: bool,
-                   dist: Dist) -> dict[int, Path]:
-    """The prototype-selected set of every IPC (``out/selected/ipc<k>``): ``draw(folder, n)``
-    samples the pool (``out/pool``, drawn with the distilled set's seeds), a ConvNet trained
-    on every training image gives the features (cached per data set), and
-    ``ddfast.select.prototype_pick`` picks. Each set folder is written once, its manifest
-    last; a resumed run redoes only what is missing."""
+                   dist: Dist, latents=None) -> dict[int, Path]:
+    """The set of every IPC that ``sample.select`` makes (``out/selected/ipc<k>``). A ConvNet
+    trained on every training image gives the features (cached per data set) in which each
+    class's training images are clustered into k prototypes. ``prototypes``: ``draw(folder, n)``
+    samples a pool (``out/pool``, the distilled set's seeds) and ``prototype_pick`` takes the
+    sample nearest each prototype. ``anchored``: ``draw(folder, k, anchors)`` starts one sample
+    from each prototype's mean training item (``cluster_anchors``; ``latents`` holds the items,
+    row i being ``indices[i]``). Each set folder is written once, its manifest last; a resumed
+    run redoes only what is missing."""
     from ddfast.eval import load_folder_set
     from ddfast.select import (
         FEATURE_BATCH,
         FEATURE_RECIPE,
+        cluster_anchors,
         feature_epochs,
         feature_network,
         feature_network_name,
@@ -525,13 +544,15 @@ def prototype_sets(cfg: Config, out: Path, draw, source, test_source, indices: t
         write_selection,
     )
 
+    anchored = cfg.sample.select == "anchored"
     n = pool_size(cfg.sample.pool, max(cfg.sample.ipc))
     folders = {k: out / "selected" / f"ipc{k}" for k in sorted(cfg.sample.ipc)}
     todo = [k for k, f in folders.items() if not (f / "manifest.json").is_file()]
     pool = out / "pool"
-    if todo:
+    if todo and not anchored:
         log(f"[select] pool of {n} samples per class in {pool}")
         draw(pool, n)
+    anchors: dict[int, dict] = {}
     if dist.main and todo:
         network = feature_network_name(cfg.eval.networks)
         epochs = feature_epochs(cfg.sample.feature_epochs, len(indices))
@@ -545,16 +566,30 @@ def prototype_sets(cfg: Config, out: Path, draw, source, test_source, indices: t
                     "training_images": len(indices), "test_accuracy": record["accuracy"]})
         real_f = image_features(model, normalise, (
             len(indices), lambda a, b: source.images(indices[a:b].tolist())))
-        real_y = source.labels[indices]
-        px, py, names = load_folder_set(pool, ipc=n)
-        if list(names) != list(source.class_names):
-            raise DdfastError(f"the pool's classes {names} differ from the data's "
-                              f"{source.class_names}; rerun with --overwrite")
-        pool_f = image_features(model, normalise, px)
+        real_y = torch.as_tensor(source.labels)[indices]
+        if anchored:
+            def items(c: int) -> torch.Tensor:
+                rows = (real_y == c).nonzero().flatten()
+                return latents.items(rows.to(latents.labels.device)).cpu()
+
+            for k in todo:
+                anchors[k] = cluster_anchors(real_f, real_y, items, k, seed=cfg.run.seed)
+        else:
+            px, py, names = load_folder_set(pool, ipc=n)
+            if list(names) != list(source.class_names):
+                raise DdfastError(f"the pool's classes {names} differ from the data's "
+                                  f"{source.class_names}; rerun with --overwrite")
+            pool_f = image_features(model, normalise, px)
+            for k in todo:
+                pick = prototype_pick(pool_f, py, real_f, real_y, k, seed=cfg.run.seed)
+                write_selection(pool, folders[k], pick)
+                log(f"[select] IPC {k}: {folders[k]}")
+    if anchored and todo:
+        anchors = dist.broadcast_object(anchors)  # every rank draws its share of each set
         for k in todo:
-            pick = prototype_pick(pool_f, py, real_f, real_y, k, seed=cfg.run.seed)
-            write_selection(pool, folders[k], pick)
-            log(f"[select] IPC {k}: {folders[k]}")
+            log(f"[select] IPC {k}: {k} samples per class started from the prototypes, "
+                f"strength {anchor_strength(cfg):g}, in {folders[k]}")
+            draw(folders[k], k, anchors[k])
     if dist.main:
         for k, folder in folders.items():
             write_class_grids(out / "grids" / f"selected-ipc{k}", folder, classes, real,
@@ -563,12 +598,15 @@ def prototype_sets(cfg: Config, out: Path, draw, source, test_source, indices: t
     return folders
 
 
-def selection_summary(out: Path, selected: dict[int, Path]) -> dict | None:
-    """What the summary says of the prototype-selected sets (None without them)."""
+def selection_summary(cfg: Config, out: Path, selected: dict[int, Path]) -> dict | None:
+    """What the summary says of the selection stage's sets (None without them)."""
     if not selected:
         return None
     path = out / "selected" / "feature_network.json"
-    return {"pool": str(out / "pool"),
+    anchored = cfg.sample.select == "anchored"
+    return {"rule": cfg.sample.select,
+            "pool": None if anchored else str(out / "pool"),
+            "strength": anchor_strength(cfg) if anchored else None,
             "sets": {str(k): str(f) for k, f in selected.items()},
             "grids": {str(k): str(out / "grids" / f"selected-ipc{k}") for k in selected},
             "feature_network": json.loads(path.read_text()) if path.is_file() else None}

@@ -58,7 +58,9 @@ def test_unknown_key_lists_valid_ones():
     ("sample.select", "kmeans", "not one of"),
     ("sample.pool", "-1", "must not be negative"),
     ("sample.pool", "20", "sample.select=prototypes only"),
-    ("sample.feature_epochs", "5", "sample.select=prototypes only"),
+    ("sample.feature_epochs", "5", "sample.select=prototypes or anchored only"),
+    ("sample.strength", "0.3", "sample.select=anchored only"),
+    ("sample.strength", "1.5", r"must lie in \[0, 1\]"),
 ])
 def test_bad_values_are_rejected_with_a_reason(key, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -70,6 +72,11 @@ def test_a_pool_smaller_than_the_largest_ipc_is_refused():
         resolve("digits", {"sample.select": "prototypes", "sample.ipc": "1,10",
                            "sample.pool": "5"})
     assert resolve("digits", {"sample.select": "prototypes", "sample.pool": "10"}).sample.pool == 10
+    with pytest.raises(ConfigError, match="sample.pool applies to sample.select=prototypes only"):
+        resolve("digits", {"sample.select": "anchored", "sample.pool": "10"})
+    anchored = resolve("digits", {"sample.select": "anchored", "sample.strength": "0.5",
+                                  "sample.feature_epochs": "3"})
+    assert (anchored.sample.strength, anchored.sample.feature_epochs) == (0.5, 3)
 
 
 def test_unknown_preset():
@@ -107,7 +114,7 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
     old = cfg.to_dict()  # as written before the later keys existed
     for key in NON_RESULT_KEYS + ("data.holdout", "memory.refresh_every", "pretrain.decay",
                                   "sample.guidance_interval", "sample.select", "sample.pool",
-                                  "sample.feature_epochs"):
+                                  "sample.feature_epochs", "sample.strength"):
         section, name = key.split(".")
         old[section].pop(name)
     want = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
@@ -125,6 +132,10 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
     assert select.digest() != want
     assert resolve("smoke", {"sample.select": "prototypes", "sample.pool": "40"}).digest() != \
         select.digest()  # 40 is what 0 gives at IPC 2, but the setting differs as written
+    anchored = resolve("smoke", {"sample.select": "anchored"})
+    assert anchored.digest() not in (want, select.digest())
+    assert resolve("smoke", {"sample.select": "anchored", "sample.strength": "0.3"}).digest() != \
+        anchored.digest()  # 0.3 is what 0 gives, but the setting differs as written
     for bad in ("580,80", "80", "-1,5", "1,2,3"):
         with pytest.raises(ConfigError, match="guidance_interval must be two timesteps"):
             resolve("smoke", {"sample.guidance_interval": bad})

@@ -51,7 +51,7 @@ def test_a_run_written_before_a_setting_existed_resumes_at_its_neutral_value(tmp
     now = {"data": {"source": "digits", "holdout": 0},
            "memory": {"timing": "epoch", "refresh_every": 0},
            "sample": {"steps": 50, "guidance_interval": [], "select": "none", "pool": 0,
-                      "feature_epochs": 0}}
+                      "feature_epochs": 0, "strength": 0.0}}
     assert prepare_run_dir(out, config_json=json.dumps(now), resume=True, overwrite=False)
     now["memory"]["refresh_every"] = 5  # not what the old run did
     with pytest.raises(OutputError, match="memory.refresh_every"):

@@ -1,5 +1,6 @@
-"""The training job's prototype-selection stage (``--sample.select prototypes``), end to end on
-real digits: the pool, the cached feature network, the picks, the table rows, and resuming."""
+"""The training job's selection stage (``--sample.select prototypes`` and ``anchored``), end to end
+on real digits: the pool, the cached feature network, the picks, the anchored samples, the table
+rows, and resuming."""
 
 import json
 from pathlib import Path
@@ -112,3 +113,62 @@ def test_a_lost_selected_set_is_made_again_identically(selected, tmp_path):
     run(smoke(out, **SELECT), resume=True)
     assert (out / "selected" / "ipc2" / "manifest.json").read_bytes() == want
     assert (out / "eval" / "selected-ipc2" / "results.json").is_file()
+
+
+ANCHORED = {"sample.select": "anchored", "sample.ipc": "1,2", "sample.feature_epochs": "3"}
+
+
+def test_anchored_sets_start_each_sample_from_its_prototypes_mean_item(tmp_path):
+    """``--sample.select anchored``: no pool; each IPC's set equals the run's own model sampled
+    from the anchors recomputed here (the cached feature network's k-means clusters, each
+    answered by the mean of its training images), with the distilled set's seeds."""
+    from ddfast.data.cache import to_model_range
+    from ddfast.diffusion import Diffusion
+    from ddfast.models import load_dit, null_label
+    from ddfast.sample import class_specs, write_distilled
+    from ddfast.select import ANCHOR_STRENGTH, cluster_anchors
+
+    out = tmp_path / "run"
+    summary = run(smoke(out, **ANCHORED))
+    cfg = smoke(out, **ANCHORED)
+    assert not (out / "pool").exists()
+    assert summary["selected"]["rule"] == "anchored" and summary["selected"]["pool"] is None
+    assert summary["selected"]["strength"] == ANCHOR_STRENGTH == 0.3
+    source, test = open_data(cfg, "train"), open_data(cfg, "test")
+    idx = training_indices(source.labels, cfg.data.max_per_class, cfg.data.holdout)
+    model, normalise, _ = feature_network(
+        source, idx, test, network="convnet3", epochs=3, seed=0, device=torch.device("cpu"),
+        dataset="digits", cache_dir=default_cache_dir())
+    real_f = image_features(model, normalise, source.images(idx.tolist()))
+    real_y = torch.as_tensor(source.labels)[idx]
+    dit = load_dit(out / "model")
+    classes = class_specs(source.class_names, list(range(10)))
+    distilled = json.loads((out / "distilled" / "manifest.json").read_text())
+    for k in (1, 2):
+        folder = out / "selected" / f"ipc{k}"
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["anchored"] == {"strength": 0.3} and len(manifest["images"]) == 10 * k
+        assert [im["seed"] for im in manifest["images"]] == \
+            [im["seed"] for im in distilled["images"] if im["index"] < k]
+        anchors = cluster_anchors(
+            real_f, real_y,
+            lambda c: to_model_range(source.images(idx[real_y == c].tolist())), k, seed=0)
+        x, _, _ = load_folder_set(folder, ipc=k)
+        ref = tmp_path / f"ref{k}"
+        write_distilled(ref, dit, None, Diffusion(), classes, k,
+                        latent_shape=tuple(x.shape[1:]), null_label=null_label(dit), scale=1.0,
+                        steps=cfg.sample.steps, sampler=cfg.sample.sampler,
+                        guidance_scale=cfg.sample.guidance_scale,
+                        guidance_channels=cfg.sample.guidance_channels, seed=cfg.sample.seed,
+                        batch_size=cfg.sample.batch_size, device=torch.device("cpu"),
+                        anchors=anchors, strength=0.3)
+        want, _, _ = load_folder_set(ref, ipc=k)
+        # The same model, anchors, seeds and batches on one machine: the same bytes.
+        assert torch.equal(x, want)
+        plain, _, _ = load_folder_set(out / "distilled", ipc=k)
+        assert not torch.equal(x, plain)  # not the paper's sampler's set
+    table = (out / "eval" / "results.md").read_text()
+    for k in (1, 2):
+        assert f"| ours + anchored (strength 0.3) | {k} |" in table
+        assert f"| random real | {k} |" in table
+    assert "Anchored sets" in (out / "report.md").read_text()
