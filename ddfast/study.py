@@ -110,6 +110,13 @@ class Scale:
     select_pool: int = 0
     select_ipc: tuple[int, ...] = (1, 10)
     select_protocols: tuple[str, ...] = ("dc",)
+    # Anchored generation (D4M's route, ``ddfast.select.cluster_anchors``), measured beside
+    # prototype selection at its IPCs and recipes: each method's model starts image i of a class
+    # from the mean training image of the class's i-th k-means prototype, noised to a strength
+    # chosen from ``anchor_grid`` on the held-out images (the from-scratch model's IPC-10 set,
+    # highest held-out accuracy under the DC/DSA recipe; ties to the higher strength, the more
+    # generated). Empty: not computed.
+    anchor_grid: tuple[float, ...] = ()
     # Candidate generators (name -> overrides of ``base``), each trained from scratch in a study
     # of its own under ``<out>/generators/<name>`` and judged by this study's measures: its
     # samples at the chosen sampling setting against the held-out images, and its IPC-10 set
@@ -170,6 +177,7 @@ SCALES = {
             lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
             exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3, matched_pool=200,
             select_pool=200, select_protocols=("dc", "small"),
+            anchor_grid=(0.2, 0.3, 0.5, 0.7),
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddim", 50), (2.0, "ddpm", 25), (2.0, "ddpm", 100)),
@@ -211,7 +219,7 @@ SCALES = {
                         ipc_once=(20,), epoch_refreshes=2,
                         holdout=5, val_per_class=6, lambda_g_factors=(0.0, 100.0),
                         exact_guidance=(2.0, math.inf), exact_draws=2, matched_pool=12,
-                        select_pool=12,
+                        select_pool=12, anchor_grid=(0.3, 0.6),
                         sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)),
                         generators={"longer": {"pretrain.steps": "40"}},
                         generator_probes=(("-g4-interval0-500",
@@ -316,6 +324,7 @@ class Study:
         self.base["run.progress"] = "on" if progress else "off"
         self._data = self._real = self._full = self._test_f = self._val = self._means = None
         self._pool = self._train_f = None
+        self._anchors: dict[int, dict] = {}
         self._sampling = None
         # Compute runs, not evaluations (``--runs-only``): the classifier cells and the test-split
         # quality cells are left for wherever the sets are evaluated.
@@ -739,6 +748,96 @@ class Study:
                               f"{'; '.join(problems)}. Delete it (it is made again from its "
                               "pool) or use another --out")
 
+    # ------------------------------------------------------------------------------ anchored
+    def anchor_strength(self) -> float:
+        """The strength anchored sets start from: the point of ``Scale.anchor_grid`` whose
+        IPC-10 set of the from-scratch model (repeat 0's seeds, the chosen sampling setting)
+        trains the ConvNet-3 most accurate on the held-out images (ties: the higher strength).
+        Written to ``work/anchored.json`` with the curve; the test split plays no part."""
+        grid = tuple(float(g) for g in self.scale.anchor_grid)
+        path = self.work / "anchored.json"
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            if tuple(p["strength"] for p in rec["points"]) == grid:
+                return rec["chosen"]
+        points = []
+        for g in grid:
+            x, y = self.anchored_set("dit", 0, EXACT_IPC, g)
+            points.append({"strength": g, "val_accuracy": self.val_accuracy_cell(
+                f"val-anchored-dit-s{g:g}-r0-ipc{EXACT_IPC}", x, y)})
+        best = max(points, key=lambda p: (p["val_accuracy"], p["strength"]))
+        if path.is_file() and json.loads(path.read_text())["chosen"] != best["strength"]:
+            log(f"[study] anchored: the grid now chooses strength {best['strength']:g}; sets "
+                "of the old one stay in their own folders")
+        write_json(path, {"criterion": f"highest accuracy on the validation images of a "
+                                       f"ConvNet-3 trained (DC/DSA recipe) on the from-scratch "
+                                       f"model's anchored IPC-{EXACT_IPC} set",
+                          "points": points, "chosen": best["strength"]})
+        return best["strength"]
+
+    @staticmethod
+    def anchored_key(method: str, repeat: int, ipc: int, protocol: str, strength: float) -> str:
+        return f"anchored-{method}-s{strength:g}-r{repeat}-ipc{ipc}-{protocol}"
+
+    def anchor_points(self, methods: tuple[str, ...] = METHODS, ipcs=None):
+        """(method, repeat, ipc, recipe) of every anchored cell: prototype selection's points
+        without ``random`` (whose row there is the coreset both compete with)."""
+        if not self.scale.anchor_grid:
+            return
+        yield from ((m, r, i, p) for m, r, i, p in self.select_points(methods, ipcs)
+                    if m != "random")
+
+    def anchors(self, ipc: int) -> dict[int, torch.Tensor]:
+        """Each class's ``ipc`` anchors: the mean training image (in [-1, 1]) of each of the
+        k-means clusters whose centres prototype selection answers."""
+        from ddfast.data.cache import to_model_range
+        from ddfast.select import cluster_anchors
+
+        if ipc not in self._anchors:
+            f, y, idx = self.train_features()
+            train, _, _ = self.data()
+            self._anchors[ipc] = cluster_anchors(
+                f, y, lambda c: to_model_range(train.images(idx[y == c].tolist())), ipc)
+        return self._anchors[ipc]
+
+    def anchored_set(self, method: str, repeat: int, ipc: int, strength: float | None = None):
+        """(images, labels) of an anchored set: the method's model (the from-scratch one for
+        ``dit``; repeat r's, computed again if its weights are missing) started from
+        ``anchors(ipc)`` at ``strength`` (default: ``anchor_strength``), repeat r's seeds and
+        the chosen sampling setting. Written once as a set folder, read from there after."""
+        from ddfast.diffusion import Diffusion
+        from ddfast.eval.protocol import load_folder_set, resolve_device
+        from ddfast.models import load_dit, null_label
+        from ddfast.sample import class_specs, write_distilled
+
+        strength = self.anchor_strength() if strength is None else strength
+        folder = self.work / "anchored" / f"{method}-s{strength:g}-r{repeat}-ipc{ipc}"
+        if not (folder / "manifest.json").is_file():
+            cfg = self.config("probe", self.sampling())
+            if cfg.model.vae != "none":
+                raise ConfigError("anchored sets are drawn in pixel space; this study's "
+                                  "generator is a latent model")
+            if method == "dit":
+                model_dir = self.pretrained()
+            else:
+                model_dir = self.method_run(method, repeat, needs="model") / "model"
+            dit = load_dit(model_dir)
+            train, _, _ = self.data()
+            classes = class_specs(list(train.class_names), list(range(len(train.class_names))))
+            x = train.images([0])
+            s = cfg.sample
+            dev = torch.device(resolve_device(self.device))
+            write_distilled(folder, dit.to(dev), None, Diffusion(device=dev), classes, ipc,
+                            latent_shape=tuple(x.shape[1:]), null_label=null_label(dit),
+                            scale=1.0, steps=s.steps, sampler=s.sampler,
+                            guidance_scale=s.guidance_scale,
+                            guidance_channels=s.guidance_channels, seed=repeat,
+                            batch_size=s.batch_size, device=dev,
+                            guidance_interval=s.guidance_interval, anchors=self.anchors(ipc),
+                            strength=strength)
+        x, y, _ = load_folder_set(folder, ipc=ipc)
+        return x, y
+
     def exact_points(self):
         """(guidance, draw, cell key) of every exact-generator cell of this scale."""
         for g in self.scale.exact_guidance:
@@ -982,6 +1081,11 @@ class Study:
             key = self.select_key(method, r, ipc, proto)  # each pool and set made once, kept
             if not (self.work / "evals" / f"{key}.json").is_file():
                 x, y = self.selected_set(method, r, ipc)
+                self.evaluate_cell(key, x, y, proto, r)
+        for method, r, ipc, proto in self.anchor_points(methods, wanted):
+            key = self.anchored_key(method, r, ipc, proto, self.anchor_strength())
+            if not (self.work / "evals" / f"{key}.json").is_file():
+                x, y = self.anchored_set(method, r, ipc)
                 self.evaluate_cell(key, x, y, proto, r)
         for ipc in (i for i in s.ipc_once if i in wanted):  # the costliest, after the others
             for method in methods:

@@ -86,6 +86,7 @@ def collect(study) -> dict:
         "exact": exact(study),
         "matched": matched(study),
         "selected": selected(study),
+        "anchored": anchored(study),
         "generators": generators(study),
         "probes": probes(study),
         "lambda_g": lambda_g_sweep(study),
@@ -192,6 +193,31 @@ def selected(study) -> list[dict]:
     return out
 
 
+def anchored(study) -> dict | None:
+    """Anchored generation (``Scale.anchor_grid``): the held-out curve behind the strength, and
+    one row per recipe, method and IPC at that strength, as ``selected``'s. None before the
+    strength is chosen."""
+    path = study.work / "anchored.json"
+    if not study.scale.anchor_grid or not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    strength = rec["chosen"]
+    points: dict[tuple, list[int]] = {}
+    for method, r, ipc, proto in study.anchor_points():
+        points.setdefault((proto, method, ipc), []).append(r)
+    rows = []
+    for (proto, method, ipc), repeats in points.items():
+        cells = [json.loads(p.read_text()) for r in repeats
+                 if (p := study.work / "evals" /
+                     f"{study.anchored_key(method, r, ipc, proto, strength)}.json").is_file()]
+        rows.append({"method": method, "ipc": ipc, "protocol": proto, "strength": strength,
+                     "runs": len(repeats), "accuracy": _stats(cells),
+                     "pairwise": _stats(cells, "pairwise"), "coverage": _stats(cells, "coverage"),
+                     "repeats": [c["acc_best"] for c in cells]})
+    return {"criterion": rec["criterion"], "curve": rec["points"], "strength": strength,
+            "rows": rows}
+
+
 def select_lines(res: dict) -> list[str]:
     """The prototype-selection tables, one per recipe: each method's selected sets beside its
     sets as the paper samples them and the random-real row, IPC by IPC."""
@@ -205,6 +231,14 @@ def select_lines(res: dict) -> list[str]:
              "full-data ConvNet-3's features; \"real images nearest the prototypes\" takes the "
              "training images nearest the same centres (one set, a classifier seed per repeat). "
              "Mean [min, max] over repeats; pairwise / coverage after each."]
+    anch = res.get("anchored")
+    if anch:
+        lines[0] += (f" \"Anchored\" (D4M's route, no pool): each method's model starts image i "
+                     f"of a class from the mean training image of the i-th of those clusters, "
+                     f"noised to strength {anch['strength']:g} (of the schedule; 1 is pure "
+                     f"noise), the repeat's seeds and the study's sampling setting.")
+    anchored_rows = {(r["protocol"], r["method"], r["ipc"]): r
+                     for r in (anch["rows"] if anch else [])}
 
     def cell(row, want):
         if row is None or not row.get("evaluated", True):
@@ -234,6 +268,19 @@ def select_lines(res: dict) -> list[str]:
                          + " | ".join(cell(main.get((method, i)), want) for i in ipcs) + " |")
             lines.append(f"| {label_sel} | "
                          + " | ".join(cell(chosen.get((method, i)), want) for i in ipcs) + " |")
+            if method != "random" and anch:
+                lines.append(f"| {LABELS[method]}, anchored (strength {anch['strength']:g}) | "
+                             + " | ".join(cell(anchored_rows.get((proto, method, i)), want)
+                                          for i in ipcs) + " |")
+    if anch:
+        lines += ["", f"The anchored start's strength, chosen on the held-out images "
+                  f"({anch['criterion']}; the chosen one in bold):", "",
+                  "| strength | " + " | ".join(
+                      f"**{p['strength']:g}**" if p["strength"] == anch["strength"]
+                      else f"{p['strength']:g}" for p in anch["curve"]) + " |",
+                  "|---|" + "---:|" * len(anch["curve"]),
+                  "| held-out accuracy (%) | " + " | ".join(
+                      f"{p['val_accuracy']:.2f}" for p in anch["curve"]) + " |"]
     return lines
 
 

@@ -24,6 +24,10 @@ def _cell(out, key):
     return json.loads((out / "work" / "evals" / f"{key}.json").read_text())
 
 
+def _val(out, key):  # a held-out accuracy cell
+    return json.loads((out / "work" / "sampling" / f"{key}-dc.json").read_text())["acc_best"]
+
+
 def test_results_are_read_from_the_cells(study_dir):
     res = json.loads((study_dir / "results.json").read_text())
     scale = SCALES["smoke"]["digits"]
@@ -560,6 +564,51 @@ def test_prototype_selection_picks_each_methods_pool_samples_nearest_the_real_ce
         centre = kmeans(f[members], 1)
         nearest = idx[members[torch.cdist(centre, f[members].double())[0].argmin()]]
         assert torch.equal(x[c], train.images([int(nearest)])[0]) and int(y[c]) == c
+
+
+def test_anchored_sets_start_from_the_prototype_clusters_at_the_held_out_strength(study_dir):
+    from ddfast.diffusion import image_seed
+    from ddfast.select import kmeans
+
+    study = Study("digits", "smoke", study_dir)
+    res = study.report()
+    rec = json.loads((study_dir / "work" / "anchored.json").read_text())
+    # The strength: the grid point whose from-scratch IPC-10 set scores best on the held-out
+    # images (its cells), ties to the higher.
+    vals = {g: _val(study_dir, f"val-anchored-dit-s{g:g}-r0-ipc10") for g in (0.3, 0.6)}
+    assert [p["strength"] for p in rec["points"]] == [0.3, 0.6]
+    assert [p["val_accuracy"] for p in rec["points"]] == [vals[0.3], vals[0.6]]
+    assert rec["chosen"] == max(vals, key=lambda g: (vals[g], g)) == res["anchored"]["strength"]
+    g = rec["chosen"]
+    assert {(r["method"], r["ipc"]) for r in res["anchored"]["rows"]} == {
+        (m, i) for m in METHODS if m != "random" for i in study.scale.select_ipc}
+    for row in res["anchored"]["rows"]:
+        cell = _cell(study_dir, study.anchored_key(row["method"], 0, row["ipc"], "dc", g))
+        assert row["repeats"] == [cell["acc_best"]]
+    md = (study_dir / "results.md").read_text()
+    assert f"| ours (adaptive, per step), anchored (strength {g:g}) |" in md
+    assert "The anchored start's strength, chosen on the held-out images" in md
+    # The anchors: each class's k-means clusters (prototype selection's centres) answered by
+    # the mean of their training images in [-1, 1].
+    f, fy, idx = study.train_features()
+    train, _, _ = study.data()
+    anchors = study.anchors(10)
+    for c in (0, 9):
+        members = (fy == c).nonzero().flatten()
+        centres = kmeans(f[members], 10)
+        assign = torch.cdist(f[members].double(), centres).argmin(dim=1)
+        images = train.images(idx[members].tolist()).float() / 127.5 - 1.0
+        want = torch.stack([images[assign == j].mean(0) for j in range(10)])
+        torch.testing.assert_close(anchors[c], want, rtol=0, atol=1e-6)  # fp32 means in [-1, 1]
+    # The set: repeat r's seeds, the chosen strength, ten per class.
+    folder = study_dir / "work" / "anchored" / f"ours-step-s{g:g}-r0-ipc10"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["anchored"] == {"strength": g}
+    assert [m["seed"] for m in manifest["images"]] == [
+        image_seed(0, c, i) for c in range(10) for i in range(10)]
+    x, y = study.anchored_set("ours-step", 0, 10)
+    assert x.shape[0] == 100 and torch.equal(y, torch.arange(10).repeat_interleave(10))
+    assert not torch.equal(x, study.method_set("ours-step", 0, 10)[0])
 
 
 def test_a_selected_set_of_other_settings_is_refused_not_evaluated(study_dir, tmp_path):
