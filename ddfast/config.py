@@ -100,7 +100,7 @@ class SampleConfig:
     select: str = "none"  # none (paper's sampler) | prototypes (pool picks) | anchored (D4M)
     pool: int = 0  # prototypes: samples per class in the pool; 0 = 20 x the largest IPC
     feature_epochs: int = 0  # prototypes, anchored: feature network epochs; 0 = ~192,000 images
-    strength: float = 0.0  # anchored: noise level of the start, in (0, 1]; 0 = 0.3
+    strength: float = 0.0  # anchored: noise level of the start, in (0, 1]; 0 = 0.2
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def test_anchored_sets_start_each_sample_from_its_prototypes_mean_item(tmp_path)
     cfg = smoke(out, **ANCHORED)
     assert not (out / "pool").exists()
     assert summary["selected"]["rule"] == "anchored" and summary["selected"]["pool"] is None
-    assert summary["selected"]["strength"] == ANCHOR_STRENGTH == 0.3
+    assert summary["selected"]["strength"] == ANCHOR_STRENGTH == 0.2
     source, test = open_data(cfg, "train"), open_data(cfg, "test")
     idx = training_indices(source.labels, cfg.data.max_per_class, cfg.data.holdout)
     model, normalise, _ = feature_network(
@@ -147,7 +147,7 @@ def test_anchored_sets_start_each_sample_from_its_prototypes_mean_item(tmp_path)
     for k in (1, 2):
         folder = out / "selected" / f"ipc{k}"
         manifest = json.loads((folder / "manifest.json").read_text())
-        assert manifest["anchored"] == {"strength": 0.3} and len(manifest["images"]) == 10 * k
+        assert manifest["anchored"] == {"strength": 0.2} and len(manifest["images"]) == 10 * k
         assert [im["seed"] for im in manifest["images"]] == \
             [im["seed"] for im in distilled["images"] if im["index"] < k]
         anchors = cluster_anchors(
@@ -161,7 +161,7 @@ def test_anchored_sets_start_each_sample_from_its_prototypes_mean_item(tmp_path)
                         guidance_scale=cfg.sample.guidance_scale,
                         guidance_channels=cfg.sample.guidance_channels, seed=cfg.sample.seed,
                         batch_size=cfg.sample.batch_size, device=torch.device("cpu"),
-                        anchors=anchors, strength=0.3)
+                        anchors=anchors, strength=0.2)
         want, _, _ = load_folder_set(ref, ipc=k)
         # The same model, anchors, seeds and batches on one machine: the same bytes.
         assert torch.equal(x, want)
@@ -169,6 +169,6 @@ def test_anchored_sets_start_each_sample_from_its_prototypes_mean_item(tmp_path)
         assert not torch.equal(x, plain)  # not the paper's sampler's set
     table = (out / "eval" / "results.md").read_text()
     for k in (1, 2):
-        assert f"| ours + anchored (strength 0.3) | {k} |" in table
+        assert f"| ours + anchored (strength 0.2) | {k} |" in table
         assert f"| random real | {k} |" in table
     assert "Anchored sets" in (out / "report.md").read_text()
