@@ -934,6 +934,16 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
             if (folder / "manifest.json").is_file():
                 x, _, _ = load_folder_set(folder, ipc=10)
                 paths.append(_write_grid(out / "grids" / f"select-{method}.png", x, 10))
+    anchored_json = study.work / "anchored.json"
+    if study.scale.anchor_grid and 10 in study.scale.select_ipc and anchored_json.is_file():
+        from ddfast.eval.protocol import load_folder_set
+
+        g = json.loads(anchored_json.read_text())["chosen"]
+        for method in METHODS:  # repeat 0's IPC-10 anchored sets, once drawn (committed)
+            folder = study.work / "anchored" / f"{method}-s{g:g}-r0-ipc10"
+            if (folder / "manifest.json").is_file():
+                x, _, _ = load_folder_set(folder, ipc=10)
+                paths.append(_write_grid(out / "grids" / f"anchored-{method}.png", x, 10))
     return paths
 
 

@@ -609,6 +609,8 @@ def test_anchored_sets_start_from_the_prototype_clusters_at_the_held_out_strengt
     x, y = study.anchored_set("ours-step", 0, 10)
     assert x.shape[0] == 100 and torch.equal(y, torch.arange(10).repeat_interleave(10))
     assert not torch.equal(x, study.method_set("ours-step", 0, 10)[0])
+    assert "grids/anchored-ours-step.png" in res["grids"]
+    assert (study_dir / "grids" / "anchored-ours-step.png").is_file()
 
 
 def test_a_selected_set_of_other_settings_is_refused_not_evaluated(study_dir, tmp_path):
