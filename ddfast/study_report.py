@@ -105,7 +105,9 @@ def collect(study) -> dict:
                      "exact_guidance": [str(g) if g == float("inf") else g
                                         for g in s.exact_guidance],
                      "exact_draws": s.exact_draws, "matched_pool": s.matched_pool,
-                     "select_pool": s.select_pool, "select_ipc": list(s.select_ipc)},
+                     "select_pool": s.select_pool, "select_ipc": list(s.select_ipc),
+                     "select_protocols": list(s.select_protocols),
+                     "anchor_grid": list(s.anchor_grid)},
         "device": device_name(study.device), "torch": torch.__version__,
         # The CPU threads of each evaluation (cells from before this was recorded carry none).
         "eval_threads": threads,
