@@ -53,7 +53,8 @@ def test_results_are_read_from_the_cells(study_dir):
         assert (study_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(res["grids"]) == (len(METHODS) + len(scale.lambda_g_factors)
                                  + len(scale.exact_guidance) + 1  # + the closest samples
-                                 + len(METHODS))  # + each method's prototype-selected set
+                                 + len(METHODS)  # + each method's prototype-selected set
+                                 + len(METHODS) - 1)  # + each generated method's anchored set
     # the lambda_g sweep: the default and each factor, every row read from its cell and sets
     sweep = res["lambda_g"]
     default = 0.008
@@ -397,7 +398,7 @@ def _committed_only(src, dst):
     keep = {"summary.json", "config.json", "result.json", "metrics.jsonl", "distilled"}
     for run in (dst / "work").iterdir():
         if not run.is_dir() or run.name in ("evals", "quality", "sampling", "lambda_g",
-                                            "select"):
+                                            "select", "anchored"):
             continue
         for child in run.iterdir():
             kept = (child.name in keep or (run.name, child.name) in
@@ -463,7 +464,8 @@ def test_a_report_without_a_runs_distilled_set_keeps_its_grid(study_dir, tmp_pat
     scale = SCALES["smoke"]["digits"]
     assert len(res["grids"]) == (len(METHODS) + len(scale.lambda_g_factors)
                                  + len(scale.exact_guidance) + 1  # + the closest samples
-                                 + len(METHODS))  # + each method's prototype-selected set
+                                 + len(METHODS)  # + each method's prototype-selected set
+                                 + len(METHODS) - 1)  # + each generated method's anchored set
     assert not (out / "work" / "dit-r0" / "distilled").exists()  # nothing was sampled again
 
 
