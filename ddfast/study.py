@@ -728,15 +728,7 @@ class Study:
             if rec.get("pool_ipc") != self.scale.select_pool:
                 problems.append(f"a pool of {rec.get('pool_ipc')} per class, not "
                                 f"{self.scale.select_pool}")
-            c = self.config("probe", self.sampling()).sample  # the setting every pool uses
-            want = (float(c.guidance_scale), c.sampler, int(c.steps),
-                    [int(v) for v in c.guidance_interval or ()])
-            s = rec.get("sampler") or {}
-            have = (float(s.get("guidance_scale", "nan")), s.get("name"), s.get("steps"),
-                    [int(v) for v in s.get("guidance_interval", ())])
-            if have != want:
-                problems.append(f"sampler {s} where the study samples with guidance "
-                                f"{want[0]:g}, {want[1]}, {want[2]} steps")
+            problems += self._sampler_problems(rec)
             wrong = [m["pool_file"] for m in rec.get("images", [])
                      if m.get("seed") != image_seed(repeat, m["class"],
                                                     int(Path(m["pool_file"]).stem))]
@@ -747,6 +739,20 @@ class Study:
             raise ConfigError(f"{folder} holds a selection of other settings: "
                               f"{'; '.join(problems)}. Delete it (it is made again from its "
                               "pool) or use another --out")
+
+    def _sampler_problems(self, rec: dict) -> list[str]:
+        """What differs between the sampler a set's manifest records and the study's chosen
+        setting (every pool and anchored set is drawn with it)."""
+        c = self.config("probe", self.sampling()).sample
+        want = (float(c.guidance_scale), c.sampler, int(c.steps),
+                [int(v) for v in c.guidance_interval or ()])
+        s = rec.get("sampler") or {}
+        have = (float(s.get("guidance_scale", "nan")), s.get("name"), s.get("steps"),
+                [int(v) for v in s.get("guidance_interval", ())])
+        if have == want:
+            return []
+        return [f"sampler {s} where the study samples with guidance {want[0]:g}, {want[1]}, "
+                f"{want[2]} steps"]
 
     # ------------------------------------------------------------------------------ anchored
     def anchor_strength(self) -> float:
@@ -835,6 +841,18 @@ class Study:
                             batch_size=s.batch_size, device=dev,
                             guidance_interval=s.guidance_interval, anchors=self.anchors(ipc),
                             strength=strength)
+        else:  # refuse a set of other settings instead of evaluating it as this study's
+            rec = json.loads((folder / "manifest.json").read_text())
+            problems = self._sampler_problems(rec)
+            if rec.get("seed") != repeat or rec.get("ipc") != ipc:
+                problems.append(f"seed {rec.get('seed')} and {rec.get('ipc')} per class, not "
+                                f"repeat {repeat}'s seed and {ipc}")
+            if (rec.get("anchored") or {}).get("strength") != strength:
+                problems.append(f"anchored {rec.get('anchored')}, not strength {strength:g}")
+            if problems:
+                raise ConfigError(f"{folder} holds an anchored set of other settings: "
+                                  f"{'; '.join(problems)}. Delete it (it is drawn again) or use "
+                                  "another --out")
         x, y, _ = load_folder_set(folder, ipc=ipc)
         return x, y
 

@@ -611,6 +611,18 @@ def test_anchored_sets_start_from_the_prototype_clusters_at_the_held_out_strengt
     x, y = study.anchored_set("ours-step", 0, 10)
     assert x.shape[0] == 100 and torch.equal(y, torch.arange(10).repeat_interleave(10))
     assert not torch.equal(x, study.method_set("ours-step", 0, 10)[0])
+    # A set written under other settings is refused, not evaluated as this study's.
+    saved = (folder / "manifest.json").read_text()
+    try:
+        for field, value, message in (("seed", 5, "seed 5"),
+                                      ("anchored", {"strength": 0.9}, "not strength"),
+                                      ("sampler", {"name": "ddim", "steps": 7,
+                                                   "guidance_scale": 2.0}, "sampler")):
+            (folder / "manifest.json").write_text(json.dumps({**manifest, field: value}))
+            with pytest.raises(ConfigError, match=message):
+                study.anchored_set("ours-step", 0, 10)
+    finally:
+        (folder / "manifest.json").write_text(saved)
     assert "grids/anchored-ours-step.png" in res["grids"]
     assert (study_dir / "grids" / "anchored-ours-step.png").is_file()
 
