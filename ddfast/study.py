@@ -177,7 +177,7 @@ SCALES = {
             lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
             exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3, matched_pool=200,
             select_pool=200, select_protocols=("dc", "small"),
-            anchor_grid=(0.2, 0.3, 0.5, 0.7),
+            anchor_grid=(0.1, 0.2, 0.3, 0.5, 0.7),
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddim", 50), (2.0, "ddpm", 25), (2.0, "ddpm", 100)),
