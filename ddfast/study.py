@@ -110,6 +110,12 @@ class Scale:
     select_pool: int = 0
     select_ipc: tuple[int, ...] = (1, 10)
     select_protocols: tuple[str, ...] = ("dc",)
+    # Larger pools (each > ``select_pool``) picked from the same way, at ``larger_pool_ipc``
+    # (those of ``select_ipc``) under the same recipes and repeats, for every generated method:
+    # how much nearer each prototype a sample can be found when more are drawn. A pool of n
+    # holds the smaller pools (per-image seeds), so its picks are at least as near.
+    larger_pools: tuple[int, ...] = ()
+    larger_pool_ipc: tuple[int, ...] = (10,)
     # Anchored generation (D4M's route, ``ddfast.select.cluster_anchors``), measured beside
     # prototype selection at its IPCs and recipes: each method's model starts image i of a class
     # from the mean training image of the class's i-th k-means prototype, noised to a strength
@@ -176,7 +182,7 @@ SCALES = {
             ablations=False, holdout=500, val_per_class=50, ipc_once=(50,),
             lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
             exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3, matched_pool=200,
-            select_pool=200, select_protocols=("dc", "small"),
+            select_pool=200, select_protocols=("dc", "small"), larger_pools=(1000,),
             anchor_grid=(0.1, 0.2, 0.3, 0.5, 0.7),
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
@@ -219,7 +225,7 @@ SCALES = {
                         ipc_once=(20,), epoch_refreshes=2,
                         holdout=5, val_per_class=6, lambda_g_factors=(0.0, 100.0),
                         exact_guidance=(2.0, math.inf), exact_draws=2, matched_pool=12,
-                        select_pool=12, anchor_grid=(0.3, 0.6),
+                        select_pool=12, larger_pools=(24,), anchor_grid=(0.3, 0.6),
                         sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)),
                         generators={"longer": {"pretrain.steps": "40"}},
                         generator_probes=(("-g4-interval0-500",
@@ -666,15 +672,18 @@ class Study:
             self._train_f = (f, labels[idx], idx)
         return self._train_f
 
-    def select_folder(self, method: str, repeat: int, ipc: int) -> Path:
-        """Where the prototype-selected set of (method, repeat, ipc) is written; ``random``:
-        the real images nearest the prototypes (one set, whatever the repeat)."""
+    def select_folder(self, method: str, repeat: int, ipc: int, pool: int | None = None) -> Path:
+        """Where the prototype-selected set of (method, repeat, ipc) is written, picked from a
+        pool of ``pool`` per class (default ``Scale.select_pool``); ``random``: the real images
+        nearest the prototypes (one set, whatever the repeat)."""
         if method == "random":
             return self.work / "select" / f"real-ipc{ipc}"
-        return self.work / "select" / f"{method}-p{self.scale.select_pool}-r{repeat}-ipc{ipc}"
+        n = pool or self.scale.select_pool
+        return self.work / "select" / f"{method}-p{n}-r{repeat}-ipc{ipc}"
 
-    def select_key(self, method: str, repeat: int, ipc: int, protocol: str = "dc") -> str:
-        name = "real" if method == "random" else f"{method}-p{self.scale.select_pool}"
+    def select_key(self, method: str, repeat: int, ipc: int, protocol: str = "dc",
+                   pool: int | None = None) -> str:
+        name = "real" if method == "random" else f"{method}-p{pool or self.scale.select_pool}"
         return f"select-{name}-r{repeat}-ipc{ipc}-{protocol}"
 
     def select_points(self, methods: tuple[str, ...] = METHODS, ipcs=None):
@@ -689,14 +698,25 @@ class Study:
                     for r in range(s.repeats_of(proto)):
                         yield method, r, ipc, proto
 
-    def selected_set(self, method: str, repeat: int, ipc: int):
-        """(images, labels) of a prototype-selected set (``Scale.select_pool``), written once
-        as a set folder of its own (class folders, a manifest naming each image's pool file)
-        and read from there after, so it needs its pool only to be made."""
+    def larger_pool_points(self, methods: tuple[str, ...] = METHODS, ipcs=None):
+        """(method, repeat, ipc, recipe, pool) of every cell picked from a larger pool
+        (``Scale.larger_pools``): prototype selection's points at ``larger_pool_ipc``, without
+        ``random``, pool by pool."""
+        for pool in self.scale.larger_pools:
+            for m, r, i, p in self.select_points(methods, ipcs):
+                if m != "random" and i in self.scale.larger_pool_ipc:
+                    yield m, r, i, p, pool
+
+    def selected_set(self, method: str, repeat: int, ipc: int, pool: int | None = None):
+        """(images, labels) of a prototype-selected set from a pool of ``pool`` per class
+        (default ``Scale.select_pool``), written once as a set folder of its own (class
+        folders, a manifest naming each image's pool file) and read from there after, so it
+        needs its pool only to be made."""
         from ddfast.eval.protocol import load_folder_set
         from ddfast.select import prototype_pick, write_real_selection, write_selection
 
-        folder = self.select_folder(method, repeat, ipc)
+        n = pool or self.scale.select_pool
+        folder = self.select_folder(method, repeat, ipc, n)
         if not (folder / "manifest.json").is_file():
             f, y, idx = self.train_features()
             if method == "random":
@@ -706,16 +726,17 @@ class Study:
                                      torch.as_tensor(train.labels)[pick], pick,
                                      list(train.class_names))
             else:
-                n = self.scale.select_pool
-                pool = self.resampled(method, repeat, n)
-                px, py, _ = load_folder_set(pool, ipc=n)
-                write_selection(pool, folder, prototype_pick(self._features(px), py, f, y, ipc))
+                pool_dir = self.resampled(method, repeat, n)
+                px, py, _ = load_folder_set(pool_dir, ipc=n)
+                write_selection(pool_dir, folder,
+                                prototype_pick(self._features(px), py, f, y, ipc))
         else:
-            self._check_selection(folder, method, repeat, ipc)
+            self._check_selection(folder, method, repeat, ipc, n)
         x, y, _ = load_folder_set(folder, ipc=ipc)
         return x, y
 
-    def _check_selection(self, folder: Path, method: str, repeat: int, ipc: int) -> None:
+    def _check_selection(self, folder: Path, method: str, repeat: int, ipc: int,
+                         pool: int | None = None) -> None:
         """Refuse a selected set written under other settings (another pool size, sampling
         setting or repeat's seeds) instead of evaluating it as this study's."""
         from ddfast.diffusion import image_seed
@@ -725,9 +746,9 @@ class Study:
         if rec.get("ipc") != ipc:
             problems.append(f"{rec.get('ipc')} images per class, not {ipc}")
         if method != "random":
-            if rec.get("pool_ipc") != self.scale.select_pool:
-                problems.append(f"a pool of {rec.get('pool_ipc')} per class, not "
-                                f"{self.scale.select_pool}")
+            want = pool or self.scale.select_pool
+            if rec.get("pool_ipc") != want:
+                problems.append(f"a pool of {rec.get('pool_ipc')} per class, not {want}")
             problems += self._sampler_problems(rec)
             wrong = [m["pool_file"] for m in rec.get("images", [])
                      if m.get("seed") != image_seed(repeat, m["class"],
@@ -1104,6 +1125,11 @@ class Study:
             key = self.anchored_key(method, r, ipc, proto, self.anchor_strength())
             if not (self.work / "evals" / f"{key}.json").is_file():
                 x, y = self.anchored_set(method, r, ipc)
+                self.evaluate_cell(key, x, y, proto, r)
+        for method, r, ipc, proto, pool in self.larger_pool_points(methods, wanted):
+            key = self.select_key(method, r, ipc, proto, pool)  # a pool's draw: the costliest
+            if not (self.work / "evals" / f"{key}.json").is_file():
+                x, y = self.selected_set(method, r, ipc, pool)
                 self.evaluate_cell(key, x, y, proto, r)
         for ipc in (i for i in s.ipc_once if i in wanted):  # the costliest, after the others
             for method in methods:

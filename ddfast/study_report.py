@@ -107,6 +107,8 @@ def collect(study) -> dict:
                      "exact_draws": s.exact_draws, "matched_pool": s.matched_pool,
                      "select_pool": s.select_pool, "select_ipc": list(s.select_ipc),
                      "select_protocols": list(s.select_protocols),
+                     "larger_pools": list(s.larger_pools),
+                     "larger_pool_ipc": list(s.larger_pool_ipc),
                      "anchor_grid": list(s.anchor_grid)},
         "device": device_name(study.device), "torch": torch.__version__,
         # The CPU threads of each evaluation (cells from before this was recorded carry none).
@@ -167,31 +169,35 @@ def matched(study) -> dict | None:
 
 
 def selected(study) -> list[dict]:
-    """Prototype selection (``Scale.select_pool``), one row per recipe, method and IPC:
-    accuracy and diversity over the repeats (``random``: the real images nearest the
-    prototypes, one set, a classifier seed per repeat). Empty where the scale draws no pool."""
+    """Prototype selection (``Scale.select_pool``, then each of ``larger_pools``), one row per
+    recipe, method, IPC and pool: accuracy and diversity over the repeats (``random``: the real
+    images nearest the prototypes, one set, a classifier seed per repeat). Empty where the
+    scale draws no pool."""
     from ddfast.study import METHODS
 
     s = study.scale
     points: dict[tuple, list[int]] = {}
     for method, r, ipc, proto in study.select_points():
-        points.setdefault((proto, method, ipc), []).append(r)
+        points.setdefault((proto, method, ipc, s.select_pool), []).append(r)
+    for method, r, ipc, proto, pool in study.larger_pool_points():
+        points.setdefault((proto, method, ipc, pool), []).append(r)
     out = []
     for proto in s.select_protocols:
         for method in METHODS:
-            for ipc in s.select_ipc:
-                repeats = points.get((proto, method, ipc))
-                if repeats is None:
-                    continue
-                cells = [json.loads(p.read_text()) for r in repeats
-                         if (p := study.work / "evals" /
-                             f"{study.select_key(method, r, ipc, proto)}.json").is_file()]
-                out.append({"method": method, "ipc": ipc, "protocol": proto,
-                            "pool": None if method == "random" else s.select_pool,
-                            "runs": len(repeats), "accuracy": _stats(cells),
-                            "pairwise": _stats(cells, "pairwise"),
-                            "coverage": _stats(cells, "coverage"),
-                            "repeats": [c["acc_best"] for c in cells]})
+            for pool in (s.select_pool, *s.larger_pools):
+                for ipc in s.select_ipc:
+                    repeats = points.get((proto, method, ipc, pool))
+                    if repeats is None:
+                        continue
+                    keys = [study.select_key(method, r, ipc, proto, pool) for r in repeats]
+                    cells = [json.loads(p.read_text()) for k in keys
+                             if (p := study.work / "evals" / f"{k}.json").is_file()]
+                    out.append({"method": method, "ipc": ipc, "protocol": proto,
+                                "pool": None if method == "random" else pool,
+                                "runs": len(repeats), "accuracy": _stats(cells),
+                                "pairwise": _stats(cells, "pairwise"),
+                                "coverage": _stats(cells, "coverage"),
+                                "repeats": [c["acc_best"] for c in cells]})
     return out
 
 
@@ -233,6 +239,10 @@ def select_lines(res: dict) -> list[str]:
              "full-data ConvNet-3's features; \"real images nearest the prototypes\" takes the "
              "training images nearest the same centres (one set, a classifier seed per repeat). "
              "Mean [min, max] over repeats; pairwise / coverage after each."]
+    larger = sorted({r["pool"] for r in sel if r["pool"] and r["pool"] != pool})
+    if larger:
+        lines[0] += (f" \"Pool {', '.join(map(str, larger))}\": the same pick from more samples "
+                     f"per class (the same seeds; the pool of {pool} is their first {pool}).")
     anch = res.get("anchored")
     if anch:
         lines[0] += (f" \"Anchored\" (D4M's route, no pool): each method's model starts image i "
@@ -259,7 +269,7 @@ def select_lines(res: dict) -> list[str]:
                   "| set | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
                   "|---|" + "---:|" * len(ipcs)]
         main = {(r["method"], r["ipc"]): r for r in res["rows"] if r["protocol"] == proto}
-        chosen = {(r["method"], r["ipc"]): r for r in rows}
+        chosen = {(r["method"], r["ipc"], r["pool"]): r for r in rows}
         for method in dict.fromkeys(r["method"] for r in rows):
             if method == "random":
                 label_main, label_sel = "random real", "real images nearest the prototypes"
@@ -268,8 +278,12 @@ def select_lines(res: dict) -> list[str]:
                 label_sel = f"{LABELS[method]}, prototype selection"
             lines.append(f"| {label_main} | "
                          + " | ".join(cell(main.get((method, i)), want) for i in ipcs) + " |")
-            lines.append(f"| {label_sel} | "
-                         + " | ".join(cell(chosen.get((method, i)), want) for i in ipcs) + " |")
+            lines.append(f"| {label_sel} | " + " | ".join(
+                cell(chosen.get((method, i, None if method == "random" else pool)), want)
+                for i in ipcs) + " |")
+            for n in (larger if method != "random" else ()):
+                lines.append(f"| {label_sel}, pool {n} | " + " | ".join(
+                    cell(chosen.get((method, i, n)), want) for i in ipcs) + " |")
             if method != "random" and anch:
                 lines.append(f"| {LABELS[method]}, anchored (strength {anch['strength']:g}) | "
                              + " | ".join(cell(anchored_rows.get((proto, method, i)), want)
@@ -936,6 +950,13 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
             if (folder / "manifest.json").is_file():
                 x, _, _ = load_folder_set(folder, ipc=10)
                 paths.append(_write_grid(out / "grids" / f"select-{method}.png", x, 10))
+        for pool in (p for p in study.scale.larger_pools if 10 in study.scale.larger_pool_ipc):
+            for method in METHODS[1:]:  # the generated methods' picks from the larger pool
+                folder = study.select_folder(method, 0, 10, pool)
+                if (folder / "manifest.json").is_file():
+                    x, _, _ = load_folder_set(folder, ipc=10)
+                    paths.append(_write_grid(out / "grids" / f"select-{method}-p{pool}.png",
+                                             x, 10))
     anchored_json = study.work / "anchored.json"
     if study.scale.anchor_grid and 10 in study.scale.select_ipc and anchored_json.is_file():
         from ddfast.eval.protocol import load_folder_set

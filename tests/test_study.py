@@ -54,6 +54,7 @@ def test_results_are_read_from_the_cells(study_dir):
     assert len(res["grids"]) == (len(METHODS) + len(scale.lambda_g_factors)
                                  + len(scale.exact_guidance) + 1  # + the closest samples
                                  + len(METHODS)  # + each method's prototype-selected set
+                                 + (len(METHODS) - 1) * len(scale.larger_pools)  # larger pools
                                  + len(METHODS) - 1)  # + each generated method's anchored set
     # the lambda_g sweep: the default and each factor, every row read from its cell and sets
     sweep = res["lambda_g"]
@@ -350,6 +351,10 @@ def test_repeats_limits_every_recipe_and_selection_follows_each_recipes_repeats(
     assert len(points) == len(set(points))
     assert cpu.select_key("dit", 2, 10, "small") == "select-dit-p200-r2-ipc10-small"
     assert cpu.select_key("random", 0, 1) == "select-real-r0-ipc1-dc"
+    assert cpu.select_key("dit", 2, 10, "small", 1000) == "select-dit-p1000-r2-ipc10-small"
+    assert set(cpu.larger_pool_points()) == {
+        (m, r, 10, p, 1000) for m in METHODS[1:] for r in range(3) for p in ("dc", "small")}
+    assert len(list(cpu.larger_pool_points())) == 24
     one = Study("fashion-mnist", "cpu", tmp_path / "b", repeats=1)
     assert one.scale.repeats_of("dc") == one.scale.repeats_of("small") == 1
     assert {r for _, r, _, _ in one.select_points()} == {0}
@@ -465,6 +470,7 @@ def test_a_report_without_a_runs_distilled_set_keeps_its_grid(study_dir, tmp_pat
     assert len(res["grids"]) == (len(METHODS) + len(scale.lambda_g_factors)
                                  + len(scale.exact_guidance) + 1  # + the closest samples
                                  + len(METHODS)  # + each method's prototype-selected set
+                                 + (len(METHODS) - 1) * len(scale.larger_pools)  # larger pools
                                  + len(METHODS) - 1)  # + each generated method's anchored set
     assert not (out / "work" / "dit-r0" / "distilled").exists()  # nothing was sampled again
 
@@ -534,13 +540,16 @@ def test_prototype_selection_picks_each_methods_pool_samples_nearest_the_real_ce
 
     study = Study("digits", "smoke", study_dir)
     res = study.report()
-    n = study.scale.select_pool
-    assert {(r["method"], r["ipc"]) for r in res["selected"]} == {
-        (m, i) for m in METHODS for i in study.scale.select_ipc}
+    n, (big,) = study.scale.select_pool, study.scale.larger_pools
+    assert {(r["method"], r["ipc"], r["pool"]) for r in res["selected"]} == {
+        (m, i, None if m == "random" else n) for m in METHODS for i in study.scale.select_ipc
+    } | {(m, 10, big) for m in METHODS[1:]}  # the larger pool at IPC 10 only
     for row in res["selected"]:
-        cell = _cell(study_dir, study.select_key(row["method"], 0, row["ipc"]))
+        cell = _cell(study_dir, study.select_key(row["method"], 0, row["ipc"], "dc", row["pool"]))
         assert row["repeats"] == [cell["acc_best"]] and cell["ipc"] == row["ipc"]
-    assert "prototype selection" in (study_dir / "results.md").read_text()
+    md = (study_dir / "results.md").read_text()
+    assert "| ours (adaptive, per step), prototype selection |" in md
+    assert f"| ours (adaptive, per step), prototype selection, pool {big} | - | " in md
     f, fy, idx = study.train_features()
     assert idx.numel() == 10 * 40  # max_per_class of each class, as every run trains on
     for method in ("dit", "ours-step"):
@@ -558,6 +567,15 @@ def test_prototype_selection_picks_each_methods_pool_samples_nearest_the_real_ce
     # class are the method's own IPC-10 set.
     first10 = torch.cat([px[py == c][:10] for c in range(10)])
     assert torch.equal(first10, study.method_set("ours-step", 0, 10)[0])
+    # The larger pool draws the same seeds on: its first n of each class are the pool of n, and
+    # its pick is the prototypes' nearest samples among all of it.
+    bx, by, _ = load_folder_set(study_dir / "work" / f"ours-step-r0-ipc{big}" / "distilled",
+                                ipc=big)
+    assert torch.equal(torch.cat([bx[by == c][:n] for c in range(10)]), px)
+    x, y = study.selected_set("ours-step", 0, 10, big)
+    pick = prototype_pick(study._features(bx), by, f, fy, 10)
+    assert torch.equal(x, bx[pick]) and torch.equal(y, by[pick])
+    assert not torch.equal(x, study.selected_set("ours-step", 0, 10)[0])  # more to pick from
     # The real row at IPC 1: each class's training image nearest its one centre, the mean.
     x, y = study.selected_set("random", 0, 1)
     train, _, _ = study.data()
@@ -634,6 +652,10 @@ def test_a_selected_set_of_other_settings_is_refused_not_evaluated(study_dir, tm
     study._check_selection(folder, "ours-step", 0, 10)  # the study's own passes
     with pytest.raises(ConfigError, match="not drawn with repeat 1's seeds"):
         study._check_selection(folder, "ours-step", 1, 10)
+    (big,) = study.scale.larger_pools  # the larger pool's pick is not the pool of 12's
+    study._check_selection(study.select_folder("ours-step", 0, 10, big), "ours-step", 0, 10, big)
+    with pytest.raises(ConfigError, match=f"a pool of {big} per class, not 12"):
+        study._check_selection(study.select_folder("ours-step", 0, 10, big), "ours-step", 0, 10)
     changes = {"pool_ipc": (study.scale.select_pool + 1, "a pool of"),
                "sampler": ({"name": "ddim", "steps": 50, "guidance_scale": 2.0}, "sampler"),
                "ipc": (5, "5 images per class")}
