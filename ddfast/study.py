@@ -110,10 +110,11 @@ class Scale:
     select_pool: int = 0
     select_ipc: tuple[int, ...] = (1, 10)
     select_protocols: tuple[str, ...] = ("dc",)
-    # Larger pools (each > ``select_pool``) picked from the same way, at ``larger_pool_ipc``
-    # (those of ``select_ipc``) under the same recipes and repeats, for every generated method:
-    # how much nearer each prototype a sample can be found when more are drawn. A pool of n
-    # holds the smaller pools (per-image seeds), so its picks are at least as near.
+    # Larger pools (sizes above ``select_pool``) picked from the same way, at
+    # ``larger_pool_ipc`` (those of ``select_ipc``) under the same recipes and repeats, for
+    # every generated method: how much nearer each prototype a sample can be found when more
+    # are drawn. A pool of n draws the same seeds on, so it holds every smaller pool's samples
+    # (the one-to-one pick can still place a single item farther).
     larger_pools: tuple[int, ...] = ()
     larger_pool_ipc: tuple[int, ...] = (10,)
     # Anchored generation (D4M's route, ``ddfast.select.cluster_anchors``), measured beside
