@@ -136,6 +136,22 @@ class Scale:
     # sampling alone moves a generator, and are computed only with ``--generators``.
     generator_probes: tuple[tuple[str, dict], ...] = ()
 
+    def __post_init__(self):
+        # A larger pool at or below select_pool would draw samples the pool already holds and
+        # add a row equal to or weaker than the pick it claims to improve; an IPC outside
+        # select_ipc has no pool-of-select_pool row to stand beside.
+        if self.larger_pools and not self.select_pool:
+            raise ValueError("Scale.larger_pools needs select_pool: the larger pools repeat "
+                             "prototype selection; set select_pool or drop larger_pools")
+        small = [n for n in self.larger_pools if n <= self.select_pool]
+        if small:
+            raise ValueError(f"Scale.larger_pools {small} are not above select_pool "
+                             f"({self.select_pool}); give sizes above it")
+        if self.larger_pools and not set(self.larger_pool_ipc) <= set(self.select_ipc):
+            raise ValueError(f"Scale.larger_pool_ipc {self.larger_pool_ipc} names IPCs that "
+                             f"select_ipc {self.select_ipc} does not select at; take them from "
+                             "select_ipc")
+
     def repeats_of(self, protocol: str) -> int:
         return (self.small_repeats or self.repeats) if protocol == "small" else self.repeats
 

@@ -1,5 +1,6 @@
 """The results study end to end at its smoke scale: every reported figure comes from a cell."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -361,6 +362,18 @@ def test_repeats_limits_every_recipe_and_selection_follows_each_recipes_repeats(
     assert list(one.select_points(("random",), {10}))[0] == ("random", 0, 10, "dc")
     digits = Study("digits", "cpu", tmp_path / "c", repeats=2)  # its IDC recipe runs once
     assert (digits.scale.repeats_of("dc"), digits.scale.repeats_of("small")) == (2, 1)
+
+
+def test_a_larger_pool_not_above_the_selection_pool_is_refused():
+    cpu = SCALES["cpu"]["fashion-mnist"]  # select_pool 200, larger_pools (1000,)
+    assert dataclasses.replace(cpu, larger_pools=(201, 1000)).larger_pools == (201, 1000)
+    with pytest.raises(ValueError, match=r"larger_pools \[200\] are not above select_pool"):
+        dataclasses.replace(cpu, larger_pools=(200, 1000))
+    with pytest.raises(ValueError, match="larger_pools needs select_pool"):
+        dataclasses.replace(cpu, select_pool=0)
+    with pytest.raises(ValueError, match=r"larger_pool_ipc \(50,\) names IPCs"):
+        dataclasses.replace(cpu, larger_pool_ipc=(50,))
+    assert dataclasses.replace(cpu, select_pool=0, larger_pools=()).larger_pools == ()
 
 
 def test_a_full_classifier_of_other_settings_is_refused(study_dir):
