@@ -137,8 +137,8 @@ class Scale:
     generator_probes: tuple[tuple[str, dict], ...] = ()
 
     def __post_init__(self):
-        # A larger pool at or below select_pool would draw samples the pool already holds and
-        # add a row equal to or weaker than the pick it claims to improve; an IPC outside
+        # A pool at or below select_pool holds no sample the selection pool lacks (the same
+        # seeds drawn on), so its row could not show what more samples buy; an IPC outside
         # select_ipc has no pool-of-select_pool row to stand beside.
         if self.larger_pools and not self.select_pool:
             raise ValueError("Scale.larger_pools needs select_pool: the larger pools repeat "
