@@ -21,6 +21,22 @@ LABELS = {"random": "random real", "dit": "DiT (no fine-tune)", "minimax": "Mini
           "ours-step": "ours (adaptive, per step)", "ours-epoch": "ours (adaptive, per epoch)"}
 
 
+
+def run_total_seconds(summary: dict) -> float:
+    """Every invocation's time in one run folder: a resumed run's summary times only its own
+    invocation and keeps the earlier ones in ``earlier_runs``."""
+    return sum(r["timings_s"]["total"] for r in [*summary.get("earlier_runs", []), summary])
+
+
+def stage_seconds(summary: dict, stage: str) -> float | None:
+    """The time ``stage`` took in the invocation that computed it (the newest that did not
+    read its output from disk), or None when none recorded it."""
+    for r in reversed([*summary.get("earlier_runs", []), summary]):
+        if stage in r["timings_s"] and stage not in r.get("reused", []):
+            return r["timings_s"][stage]
+    return None
+
+
 def _stats(cells: list[dict], key: str = "acc_best") -> dict | None:
     vals = [c[key] for c in cells if c.get(key) is not None]
     if not vals:
@@ -75,8 +91,9 @@ def collect(study) -> dict:
             ablations.append({"setting": key, "points": series})
     full_path = study.work / "full" / "result.json"
     full = json.loads(full_path.read_text()) if full_path.is_file() else None
-    # Each run's own record of its stages (also the runs an earlier process finished).
-    run_seconds = sum(json.loads(p.read_text())["timings_s"]["total"]
+    # Each run's own record of its stages (also the runs an earlier process finished, and the
+    # earlier invocations of a resumed run).
+    run_seconds = sum(run_total_seconds(json.loads(p.read_text()))
                       for p in sorted(study.work.glob("*/summary.json")))
     evals = [json.loads(p.read_text()) for p in sorted((study.work / "evals").glob("*.json"))]
     eval_seconds = sum(c["seconds"] for c in evals)
@@ -410,7 +427,7 @@ def generators(study) -> list[dict]:
                                "lr": pre["lr"], "precision": precision}
             row["parameters"] = sum(t.numel() for t in dit.parameters())
         if summary is not None:
-            row["pretrain_s"] = summary["timings_s"].get("pretrain")
+            row["pretrain_s"] = stage_seconds(summary, "pretrain")
             row["device"] = summary.get("device")  # the minutes are this device's
         sw = _json(work / "sampling.json")
         if sw is not None:

@@ -110,6 +110,18 @@ def cap_per_class(labels: torch.Tensor, limit: int) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.int64)
 
 
+def earlier_runs(out: Path) -> list[dict]:
+    """What the earlier invocations of a resumed run folder recorded (their timings and the
+    stages they read from disk), oldest first, so that a resume, which times only what it
+    computes, does not erase how long the folder's outputs took to make."""
+    path = out / "summary.json"
+    if not path.is_file():  # a killed run: nothing was recorded before it
+        return []
+    prev = json.loads(path.read_text())
+    return [*prev.get("earlier_runs", []),
+            {"timings_s": prev["timings_s"], "reused": prev.get("reused", [])}]
+
+
 def finetune_steps(cfg: Config, num_items: int) -> int:
     """Fine-tuning steps: ``optim.steps``, or ``optim.epochs`` passes over ``num_items``."""
     o = cfg.optim
@@ -230,6 +242,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     progress = bars_enabled(cfg.run.progress)
     out = Path(cfg.run.out or f"runs/{cfg.preset}")
     timings: dict[str, float] = {}
+    reused: list[str] = []  # stages whose output an earlier invocation left in the run folder
     t0 = time.perf_counter()
 
     source = open_data(cfg, "train")  # checks the data before anything is written
@@ -278,6 +291,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         base_dir = out / "pretrained"
         if base_dir.is_dir():
             dit = load_dit(str(base_dir))
+            reused.append("pretrain")
         else:
             dit = dit.to(device)
             set_trainable(dit, "all")
@@ -303,6 +317,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         model_dir = out / "model"
         if model_dir.is_dir():
             model = load_dit(str(model_dir)).to(device)
+            reused.append("finetune")
         else:
             model = copy.deepcopy(dit)
             set_trainable(model, cfg.optim.trainable)
@@ -361,6 +376,9 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
                         guidance_interval=s.guidance_interval, anchors=anchors,
                         strength=anchor_strength(cfg))
 
+    if all((distilled / c.folder / f"{i:05d}.png").is_file() for c in classes
+           for i in range(ipc)):
+        reused.append("sample")
     draw(distilled, ipc)
     real = {}
     for c in classes:
@@ -408,6 +426,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         "evaluation": str(out / "eval" / "results.md") if table else None,
         "metrics": str(metrics),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "reused": reused,
+        "earlier_runs": earlier_runs(out) if resumed else [],
         "attention": attention,
     }
     if main:

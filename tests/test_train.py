@@ -104,6 +104,36 @@ def _kill_after(monkeypatch, module, name, when):
     return state
 
 
+def test_resuming_a_finished_run_keeps_the_earlier_timings(finished, tmp_path):
+    """A finished run whose fine-tuned weights were deleted (they are the large output a study
+    does not keep) is resumed: the model is trained again, the from-scratch DiT and the set
+    are read from disk, and the summary keeps the first invocation's timings instead of
+    replacing them with the resume's load times."""
+    import shutil
+
+    from ddfast.study_report import run_total_seconds, stage_seconds
+
+    reference, first = finished
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "model")
+    again = run(smoke(out), resume=True)
+    assert first["reused"] == [] and first["earlier_runs"] == []
+    assert again["reused"] == ["pretrain", "sample"]
+    assert again["earlier_runs"] == [{"timings_s": first["timings_s"], "reused": []}]
+    assert json.loads((out / "summary.json").read_text())["earlier_runs"] == again["earlier_runs"]
+    for pattern in ("model/transformer/*.safetensors", "distilled/*/*.png"):
+        got, want = tree_bytes(out, pattern), tree_bytes(reference, pattern)
+        assert got.keys() == want.keys() and got, pattern
+        assert got == want, f"{pattern} differs after training the model again"
+    # The report's stage time is the computing invocation's; its run time counts both.
+    assert stage_seconds(again, "pretrain") == first["timings_s"]["pretrain"]
+    assert stage_seconds(again, "finetune") == again["timings_s"]["finetune"]
+    assert stage_seconds(again, "select") is None
+    assert run_total_seconds(again) == pytest.approx(
+        first["timings_s"]["total"] + again["timings_s"]["total"])
+
+
 @pytest.mark.parametrize("point", ["pretrain", "finetune", "logging", "sampling"])
 def test_killed_run_resumes_to_identical_outputs(finished, tmp_path, monkeypatch, point):
     reference, _ = finished
