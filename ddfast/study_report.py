@@ -21,17 +21,21 @@ LABELS = {"random": "random real", "dit": "DiT (no fine-tune)", "minimax": "Mini
           "ours-step": "ours (adaptive, per step)", "ours-epoch": "ours (adaptive, per epoch)"}
 
 
+def _invocations(summary: dict) -> list[dict]:
+    """A run folder's invocations, oldest first: a resumed run's summary records only its own
+    and keeps the earlier ones in ``earlier_runs`` (``ddfast.train.earlier_runs``)."""
+    return [*summary.get("earlier_runs", []), summary]
+
 
 def run_total_seconds(summary: dict) -> float:
-    """Every invocation's time in one run folder: a resumed run's summary times only its own
-    invocation and keeps the earlier ones in ``earlier_runs``."""
-    return sum(r["timings_s"]["total"] for r in [*summary.get("earlier_runs", []), summary])
+    """Every invocation's time in one run folder."""
+    return sum(r["timings_s"]["total"] for r in _invocations(summary))
 
 
 def stage_seconds(summary: dict, stage: str) -> float | None:
     """The time ``stage`` took in the invocation that computed it (the newest that did not
     read its output from disk), or None when none recorded it."""
-    for r in reversed([*summary.get("earlier_runs", []), summary]):
+    for r in reversed(_invocations(summary)):
         if stage in r["timings_s"] and stage not in r.get("reused", []):
             return r["timings_s"][stage]
     return None
