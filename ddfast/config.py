@@ -54,6 +54,12 @@ class PretrainConfig:
     ema_decay: float = 0.999  # EMA decay of the from-scratch model
     warmup: int = 100  # linear learning-rate warm-up steps
     decay: str = "constant"  # constant | cosine: lr after warm-up (cosine falls toward 0)
+    # model.vae a preset: the autoencoder trained here first, on the same images
+    # (ddfast.autoencoder), then the DiT on its latents
+    vae_steps: int = 3000  # its optimiser steps
+    vae_batch_size: int = 64  # its images per step
+    vae_lr: float = 1e-3  # its AdamW learning rate
+    vae_kl: float = 1e-6  # weight of its KL term against the per-pixel squared error
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,8 @@ class Config:
 # left out of the digest at that value, so an older run folder still resumes and matches.
 LATER_KEYS = {"data.holdout": 0, "memory.refresh_every": 0, "pretrain.decay": "constant",
               "sample.guidance_interval": (), "sample.select": "none", "sample.pool": 0,
-              "sample.feature_epochs": 0, "sample.strength": 0.0}
+              "sample.feature_epochs": 0, "sample.strength": 0.0, "pretrain.vae_steps": 3000,
+              "pretrain.vae_batch_size": 64, "pretrain.vae_lr": 1e-3, "pretrain.vae_kl": 1e-6}
 # Settings that do not change results: outside the digest, and free to change on --resume
 # (eval.baseline adds the random-real row beside the method's; the method's figures stay).
 NON_RESULT_KEYS = ("run.out", "run.device", "run.progress", "run.log_every", "run.ckpt_every",
@@ -351,6 +358,8 @@ def validate(cfg: Config) -> None:
     positive = {
         "optim.batch_size": cfg.optim.batch_size,
         "pretrain.batch_size": cfg.pretrain.batch_size,
+        "pretrain.vae_steps": cfg.pretrain.vae_steps,
+        "pretrain.vae_batch_size": cfg.pretrain.vae_batch_size,
         "memory.real_capacity": cfg.memory.real_capacity,
         "memory.gen_capacity": cfg.memory.gen_capacity,
         "sample.steps": cfg.sample.steps,
@@ -376,6 +385,7 @@ def validate(cfg: Config) -> None:
         "eval.batch_size": cfg.eval.batch_size,
         "objective.lambda_r": cfg.objective.lambda_r,
         "objective.lambda_g": cfg.objective.lambda_g,
+        "pretrain.vae_kl": cfg.pretrain.vae_kl,
         "memory.refresh_every": cfg.memory.refresh_every,
         "sample.pool": cfg.sample.pool,
         "sample.feature_epochs": cfg.sample.feature_epochs,

@@ -23,7 +23,7 @@ from ddfast.io import read_jsonl, write_bytes, write_text
 
 __all__ = ["write_report", "main"]
 
-TERMS = ("loss", "mse", "vb", "rep", "div")
+TERMS = ("loss", "mse", "vb", "rep", "div", "kl")
 
 
 def _figure_bytes(fig) -> bytes:
@@ -40,7 +40,8 @@ def _plots(records: list[dict], plots: Path) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in ("pretrain", "finetune") if any(r.get("stage") == s for r in records)]
+    stages = [s for s in ("vae", "pretrain", "finetune")
+              if any(r.get("stage") == s for r in records)]
     written = []
     if stages:
         fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 3.6), squeeze=False)
@@ -99,6 +100,16 @@ def report_markdown(config: dict, summary: dict, table: str | None,
         lines += ["## Evaluation", "", table.strip(), ""]
     for title, rel in plots:
         lines += [f"## {title}", "", f"![{Path(rel).stem}]({rel})", ""]
+    vae = summary.get("vae")
+    if vae:
+        held = vae.get("held_out_reconstruction")
+        lines += ["## Autoencoder (trained in this run)", "",
+                  f"`{vae['preset']}`, {vae['parameters']:,} parameters, latents "
+                  f"{'x'.join(str(d) for d in vae['latent_shape'])} scaled by "
+                  f"{vae['scaling_factor']:.4f}; squared error of its last steps "
+                  f"{vae['last_steps']['mse']:.4f} (images in [-1, 1])"
+                  + (f"; round trip of the {held['images']} held-out images: PSNR "
+                     f"{held['psnr']:.2f} dB." if held else "."), ""]
     lines += ["## Class grids (real images on top, distilled below)", ""]
     lines += [f"![{Path(g).stem}](grids/{Path(g).name})" for g in summary.get("grids", [])]
     sel = summary.get("selected")

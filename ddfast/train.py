@@ -39,6 +39,7 @@ from ddfast.models import (
     DIT_PRESETS,
     VAE_PRESETS,
     build_dit,
+    build_vae,
     check_compatible,
     fold_difffit,
     load_dit,
@@ -180,9 +181,19 @@ def load_models(cfg: Config, num_classes: int, data_channels: int, resolution: i
                           f"diffusers DiT folder such as DiT-XL-2-256) ")
     vae = decode_vae = None
     if m.vae in VAE_PRESETS:
-        raise ConfigError(f"model.vae={m.vae} is an untrained architecture; pass a trained VAE "
-                          f"folder (e.g. sd-vae-ft-ema) or --vae none for pixel space")
-    if m.vae not in ("none", ""):
+        # An autoencoder trained here: with a preset DiT, trained first in this run
+        # (``vae_trained_here``); with a DiT folder, the one trained with it (its vae/).
+        if _is_folder(m.dit) and (Path(m.dit).expanduser() / "vae").is_dir():
+            vae = load_vae(m.dit)
+        elif m.dit in DIT_PRESETS:
+            vae = build_vae(m.vae, in_channels=data_channels, sample_size=resolution)
+        else:
+            raise ConfigError(f"model.vae={m.vae} is an architecture to train here, with a "
+                              f"from-scratch DiT (model.dit a preset) or read from a DiT folder "
+                              f"trained with it (its vae/); model.dit={m.dit!r} is neither. "
+                              f"Pass a trained VAE folder (e.g. sd-vae-ft-ema), a DiT preset, "
+                              f"or --vae none for pixel space")
+    elif m.vae not in ("none", ""):
         vae = load_vae(str(Path(m.vae).expanduser()))
     elif m.vae == "" and _is_folder(m.dit) and (Path(m.dit) / "vae").is_dir():
         vae = load_vae(m.dit)
@@ -209,6 +220,12 @@ def load_models(cfg: Config, num_classes: int, data_channels: int, resolution: i
         raise ModelError(f"model.dit={m.dit!r} is neither an existing folder, a .pt file nor a "
                          f"preset; presets are {', '.join(DIT_PRESETS)}")
     return dit, vae, decode_vae, pretrained
+
+
+def vae_trained_here(cfg: Config) -> bool:
+    """Whether this run trains its autoencoder (a ``model.vae`` preset with a preset DiT)."""
+    return cfg.model.vae in VAE_PRESETS and cfg.model.dit in DIT_PRESETS \
+        and not _is_folder(cfg.model.dit)
 
 
 def conditioning_labels(cfg: Config, source, pretrained: bool) -> list[int]:
@@ -261,6 +278,18 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     prepare_run_dir(out, config_json=cfg.to_json(), resume=resume, overwrite=overwrite,
                     write=False)
     indices = training_indices(source.labels, cfg.data.max_per_class, cfg.data.holdout)
+    resumed = None
+    vae_report = None
+    if vae_trained_here(cfg):  # Stage 0: the autoencoder, before anything is encoded with it
+        if main:
+            resumed = prepare_run_dir(out, config_json=cfg.to_json(), resume=resume,
+                                      overwrite=overwrite)
+        resumed = dist.broadcast_object(resumed)
+        t = time.perf_counter()
+        vae, vae_report = autoencoder_stage(cfg, out, vae, source, indices, device, progress,
+                                            dist, reused)
+        decode_vae = vae if not cfg.model.decode_vae else decode_vae
+        timings["vae"] = time.perf_counter() - t
     for turn in (True, False):  # rank 0 fills the latent cache first; the others then read it
         if turn == main:
             latents = build_latents(source, vae, indices=indices,
@@ -270,11 +299,11 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         dist.barrier()
     if cfg.objective.method != "dit":
         check_refreshes(cfg, len(latents))  # before anything is written or trained
-    resumed = None
-    if main:
-        resumed = prepare_run_dir(out, config_json=cfg.to_json(), resume=resume,
-                                  overwrite=overwrite)
-    resumed = dist.broadcast_object(resumed)
+    if resumed is None:
+        if main:
+            resumed = prepare_run_dir(out, config_json=cfg.to_json(), resume=resume,
+                                      overwrite=overwrite)
+        resumed = dist.broadcast_object(resumed)
     log(f"ddfast: run folder {out} ({'resumed' if resumed else 'new'}), device {device}, "
         f"{precision}, {len(latents)} training images in {len(source.class_names)} classes"
         + (f", {dist.world} processes" if dist.active else ""))
@@ -419,6 +448,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
         "distilled": str(distilled),
         "ipc": list(cfg.sample.ipc),
         "training_images": len(latents),
+        "vae": vae_report,
         "held_out": cfg.data.holdout * len(source.class_names),
         "model": str(out / "model") if cfg.objective.method != "dit" else None,
         "grids": [str(p) for p in grids],
@@ -453,6 +483,60 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     log(f"  report        : {out / 'report.md'}")
     log(f"  summary       : {out / 'summary.json'}")
     return summary
+
+
+def autoencoder_stage(cfg: Config, out: Path, vae, source, indices: torch.Tensor,
+                      device: torch.device, progress: bool, dist: Dist, reused: list[str]):
+    """The run's autoencoder (``model.vae`` a preset): trained on the training images (the
+    held-out ones stay out), scaled to unit latent std and written to ``<out>/vae``, or read
+    from there when an earlier invocation finished it. Returns (vae, its report)."""
+    from ddfast.autoencoder import (
+        VaeSpec,
+        fit_scaling_factor,
+        reconstruction_error,
+        save_vae,
+        train_vae,
+    )
+
+    folder = out / "vae"
+    report_path = out / "vae.json"
+    if not (folder / "config.json").is_file():
+        if dist.main:
+            p = cfg.pretrain
+            log(f"[vae] training {cfg.model.vae} for {p.vae_steps} steps of {p.vae_batch_size} "
+                f"on {len(indices)} images")
+            images = source.images(indices)  # (N, C, H, W) uint8
+            torch.manual_seed(cfg.run.seed)  # its initialisation is part of the run
+            vae = build_vae(cfg.model.vae, in_channels=source.channels,
+                            sample_size=source.resolution)
+            spec = VaeSpec(p.vae_steps, p.vae_batch_size, p.vae_lr, p.vae_kl, cfg.run.seed,
+                           hflip=cfg.data.hflip, log_every=cfg.run.log_every)
+            last = train_vae(vae, images, spec, device=device, metrics_path=out / "metrics.jsonl",
+                             progress=progress)
+            vae = vae.cpu()
+            scale = fit_scaling_factor(vae, images)
+            report = {"preset": cfg.model.vae, "parameters": sum(q.numel() for q in
+                                                                 vae.parameters()),
+                      "latent_shape": list(posterior_shape(vae, source)), "scaling_factor": scale,
+                      "last_steps": last}
+            held = holdout_indices(source.labels, cfg.data.holdout)
+            if len(held):  # the round trip on images no run trains on
+                report["held_out_reconstruction"] = reconstruction_error(
+                    vae, source.images(held))
+            write_json(report_path, report)
+            save_vae(folder, vae)
+        dist.barrier()
+    else:
+        reused.append("vae")
+    vae = load_vae(str(folder))
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    return vae, report
+
+
+def posterior_shape(vae, source) -> tuple[int, int, int]:
+    """(c, h, w) of the VAE's latents of one image of ``source``."""
+    f = vae_factor(vae)
+    return int(vae.config.latent_channels), source.resolution // f, source.resolution // f
 
 
 def evaluate_distilled(cfg: Config, distilled: Path, source, test_source, out: Path,

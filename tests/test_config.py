@@ -114,12 +114,15 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
     old = cfg.to_dict()  # as written before the later keys existed
     for key in NON_RESULT_KEYS + ("data.holdout", "memory.refresh_every", "pretrain.decay",
                                   "sample.guidance_interval", "sample.select", "sample.pool",
-                                  "sample.feature_epochs", "sample.strength"):
+                                  "sample.feature_epochs", "sample.strength",
+                                  "pretrain.vae_steps", "pretrain.vae_batch_size",
+                                  "pretrain.vae_lr", "pretrain.vae_kl"):
         section, name = key.split(".")
         old[section].pop(name)
     want = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.digest() == want
     assert resolve("smoke", {"data.holdout": "3"}).digest() != want
+    assert resolve("smoke", {"pretrain.vae_steps": "10"}).digest() != want
     epoch = {"memory.timing": "epoch"}
     assert resolve("smoke", {**epoch, "memory.refresh_every": "5"}).digest() != resolve(
         "smoke", epoch).digest()
