@@ -35,6 +35,7 @@ import torch
 from ddfast.config import Config, resolve
 from ddfast.errors import ConfigError, DdfastError
 from ddfast.io import load_tensors, read_jsonl, save_tensors, write_json, write_text
+from ddfast.models import VAE_PRESETS
 from ddfast.progress import log
 
 METHODS = ("random", "dit", "minimax", "ours-step", "ours-epoch")
@@ -224,7 +225,11 @@ SCALES = {
                 # shoes all face one way (93-100 % of sandals, sneakers and ankle boots agree
                 # with their class mean over its mirror image), and a generator trained on
                 # flips draws half of them mirrored.
-                "micro-noflip": NOFLIP},
+                "micro-noflip": NOFLIP,
+                # Latent space: a factor-4 autoencoder trained here first (28 px to 7x7x4,
+                # ddfast.autoencoder; about 12 min of one core), then this study's DiT on its
+                # latents with 1x1 patches: the same 49 tokens, each a 4x4-pixel patch's code.
+                "latent-f4": {"model.vae": "small-f4", "model.patch_size": "1", **NOFLIP}},
             # Guidance 6 inside timesteps 80-580 only (sigma in about 0.28 to 5.4).
             generator_probes=(("-g6-interval80-580", {"sample.guidance_scale": "6",
                                                        "sample.guidance_interval": "80,580"}),),
@@ -244,7 +249,9 @@ SCALES = {
                         exact_guidance=(2.0, math.inf), exact_draws=2, matched_pool=12,
                         select_pool=12, larger_pools=(24,), anchor_grid=(0.3, 0.6),
                         sampling_grid=((1.0, "ddpm", 5), (2.0, "ddim", 5)),
-                        generators={"longer": {"pretrain.steps": "40"}},
+                        generators={"longer": {"pretrain.steps": "40"},
+                                    "latent": {"model.vae": "small-f4", "model.patch_size": "1",
+                                               "pretrain.vae_steps": "20"}},
                         generator_probes=(("-g4-interval0-500",
                                            {"sample.guidance_scale": "4",
                                             "sample.guidance_interval": "0,500"}),), base={
@@ -261,6 +268,7 @@ REAL_PER_CLASS = 1000  # real images per class in the diversity reference
 
 
 EXACT_IPC = 10  # the IPC of the exact-generator reference
+ROUNDTRIP = "roundtrip"  # cells of real images through a latent candidate's autoencoder
 
 
 def exact_draw(own: torch.Tensor, labels: torch.Tensor, ipc: int, guidance: float, draw: int,
@@ -1028,6 +1036,10 @@ class Study:
                 sub.work / "quality" / f"dit-r0-ipc{EXACT_IPC}.json",
                 *(sub.work / "evals" / f"dit{tag}-r0-ipc{EXACT_IPC}-dc.json"
                   for tag, _ in sub.scale.generator_probes)]
+        latent = self.scale.generators[name].get("model.vae", "none") in VAE_PRESETS
+        if latent:
+            keys += [sub.work / "evals" / f"{ROUNDTRIP}-r0-ipc{EXACT_IPC}-dc.json",
+                     sub.work / "sampling" / f"{ROUNDTRIP}-ipc{self.scale.val_per_class}.json"]
         if all(k.is_file() for k in keys) and (not sub.scale.sampling_grid
                                                or (sub.work / "sampling.json").is_file()):
             folder = sub.work / "dit-r0" / "distilled"
@@ -1045,6 +1057,29 @@ class Study:
         sub.quality_cell(f"dit-r0-ipc{EXACT_IPC}", x, y)
         sub.evaluate_cell(f"dit-r0-ipc{EXACT_IPC}-dc", x, y, "dc", 0)
         sub.probe_cells()
+        if latent:
+            sub.roundtrip_cells()
+
+    def roundtrip_cells(self) -> None:
+        """What a latent generator's autoencoder keeps of real images, before any DiT: the
+        round trip (encode, decode the posterior mean) of the random-real IPC-10 set under the
+        DC/DSA recipe (seed 0, one run, as a candidate's set), and of the first
+        ``val_per_class`` training images of each class against the held-out images, beside
+        those images themselves (cells ``roundtrip-*`` and ``random-ipc*`` under ``sampling/``).
+        A latent set cannot be sharper than its autoencoder's round trip."""
+        from ddfast.autoencoder import reconstruct
+        from ddfast.models import load_vae
+
+        folder = self.work / "base" / "vae"
+        if not (folder / "config.json").is_file():
+            self.pretrained()  # the autoencoder is trained first in the from-scratch DiT's run
+        vae = load_vae(folder)
+        x, y = self.method_set("random", 0, EXACT_IPC)
+        self.evaluate_cell(f"{ROUNDTRIP}-r0-ipc{EXACT_IPC}-dc", reconstruct(vae, x), y, "dc", 0)
+        q = self.scale.val_per_class
+        x, y = self.method_set("random", 0, q)
+        self.quality_cell(f"random-ipc{q}", x, y, against="val")
+        self.quality_cell(f"{ROUNDTRIP}-ipc{q}", reconstruct(vae, x), y, against="val")
 
     def probe_cells(self, methods: tuple[str, ...] = ("dit",)) -> None:
         """The IPC-10 set (repeat 0) of each generated method, by default this study's generator

@@ -406,8 +406,8 @@ def generators(study) -> list[dict]:
     its samples' quality against the held-out images at the chosen sampling setting, and its
     IPC-10 set (seed 0, no fine-tuning): quality against the test images and accuracy under the
     DC/DSA recipe."""
-    from ddfast.models import build_dit
-    from ddfast.study import EXACT_IPC
+    from ddfast.models import VAE_PRESETS, build_dit
+    from ddfast.study import EXACT_IPC, ROUNDTRIP
 
     if not study.scale.generators:
         return []
@@ -422,13 +422,20 @@ def generators(study) -> list[dict]:
             m, pre, precision = cfg["model"], cfg["pretrain"], cfg["run"]["precision"]
             if precision == "auto" and summary is not None:  # as ddfast.train resolves it
                 precision = "bf16" if summary.get("device", "cpu").startswith("cuda") else "fp32"
+            vae = VAE_PRESETS.get(m.get("vae", "none"))  # a latent candidate's autoencoder
+            channels, side = train.channels, train.resolution
+            if vae is not None:
+                channels = vae["latent_channels"]
+                side //= 2 ** (len(vae["block_out_channels"]) - 1)
             with torch.device("meta"):  # sizes only: no memory, no initialisation
-                dit = build_dit(m["dit"], in_channels=train.channels,
-                                sample_size=train.resolution, num_classes=len(train.class_names),
+                dit = build_dit(m["dit"], in_channels=channels, sample_size=side,
+                                num_classes=len(train.class_names),
                                 patch_size=m["patch_size"] or None)
             row["settings"] = {"dit": m["dit"], "patch": dit.config.patch_size,
                                "steps": pre["steps"], "batch": pre["batch_size"],
                                "lr": pre["lr"], "precision": precision}
+            if vae is not None:
+                row["settings"]["latents"] = f"{m['vae']} latents ({channels}x{side}x{side})"
             row["parameters"] = sum(t.numel() for t in dit.parameters())
         if summary is not None:
             row["pretrain_s"] = stage_seconds(summary, "pretrain")
@@ -441,6 +448,14 @@ def generators(study) -> list[dict]:
         row["quality"] = _json(work / "quality" / f"dit-r0-ipc{EXACT_IPC}.json")
         cell = _json(work / "evals" / f"dit-r0-ipc{EXACT_IPC}-dc.json")
         row["accuracy"] = None if cell is None else cell["acc_best"]
+        trip = _json(work / "evals" / f"{ROUNDTRIP}-r0-ipc{EXACT_IPC}-dc.json")
+        q = study.scale.val_per_class
+        if trip is not None:
+            row["roundtrip"] = {
+                "accuracy": trip["acc_best"],
+                "val": _json(work / "sampling" / f"{ROUNDTRIP}-ipc{q}.json"),
+                "real_val": _json(work / "sampling" / f"random-ipc{q}.json"),
+                "vae": (summary or {}).get("vae")}
         row["probes"] = {}
         for tag, _ in study.scale.generator_probes:
             cell = _json(work / "evals" / f"dit{tag}-r0-ipc{EXACT_IPC}-dc.json")
@@ -473,6 +488,7 @@ def generator_lines(res: dict) -> list[str]:
         what = ("not run" if st is None else
                 f"{st['dit']}, {st['patch']}x{st['patch']} patches, {st['steps']} steps of "
                 f"{st['batch']}, lr {st['lr']:g}, {st['precision']}"
+                + (f", on {st['latents']}" if st.get("latents") else "")
                 + (f", on {g['device'].split(':')[0]}" if g.get("device") else ""))
         params = "-" if g["parameters"] is None else f"{g['parameters'] / 1e6:.2f} M"
         mins = "-" if g["pretrain_s"] is None else f"{g['pretrain_s'] / 60:.0f}"
@@ -487,6 +503,23 @@ def generator_lines(res: dict) -> list[str]:
                      else f" {g['probes'][t]:.1f} |" for t in probes)
         lines.append(f"| {g['name']} | {params} | {what} | {mins} | " + " | ".join(val)
                      + f" | {acc} |" + at)
+    for g in res["generators"]:
+        trip = g.get("roundtrip")
+        if not trip:
+            continue
+        v, r, vae = trip["val"] or {}, trip["real_val"] or {}, trip["vae"] or {}
+        held = (vae.get("held_out_reconstruction") or {}).get("psnr")
+        lines += ["", f"{g['name']}'s autoencoder alone (real images encoded and decoded, no "
+                  f"DiT): the random-real IPC-{EXACT_IPC} set's round trip scores "
+                  f"{trip['accuracy']:.1f} (DC/DSA recipe, seed 0)"
+                  + (f"; the held-out images' round trip has a PSNR of {held:.1f} dB" if held
+                     else "")
+                  + (f"; {v['per_class']} training images per class through it lie at Fréchet "
+                     f"distance {v['fd']:.3g} from the held-out images (precision "
+                     f"{v['precision']:.3f}, recall {v['recall']:.3f}, fidelity "
+                     f"{v['fidelity']:.1f}), the same images unchanged at {r['fd']:.3g} "
+                     f"({r['precision']:.3f}, {r['recall']:.3f}, {r['fidelity']:.1f})"
+                     if v and r else "") + "."]
     bar = []
     real = next((r for r in res["rows"] if (r["protocol"], r["method"], r["ipc"])
                  == ("dc", "random", EXACT_IPC)), None)

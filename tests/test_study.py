@@ -793,6 +793,50 @@ def test_a_candidate_generator_is_measured_in_a_study_of_its_own(study_dir, tmp_
     assert "nope" in err and f"candidates are {name}" in err
 
 
+def test_a_latent_candidate_trains_its_autoencoder_and_measures_its_round_trip(study_dir,
+                                                                              tmp_path):
+    import shutil
+
+    from ddfast.autoencoder import reconstruct
+    from ddfast.data import open_source
+    from ddfast.eval.protocol import load_source_set
+    from ddfast.models import load_dit, load_vae
+
+    out = tmp_path / "study"
+    shutil.copytree(study_dir, out)
+    name = "latent"
+    args = ["--dataset", "digits", "--scale", "smoke", "--out", str(out)]
+    assert main([*args, "--generators", name]) == 0
+    sub = out / "generators" / name / "work"
+    summary = json.loads((sub / "base" / "summary.json").read_text())
+    assert summary["vae"]["latent_shape"] == [4, 2, 2]
+    # every run of the candidate's study decodes with the autoencoder trained with its DiT
+    vae = load_vae(sub / "base" / "vae")
+    assert not (sub / "dit-r0" / "vae").exists()
+    trip = json.loads((sub / "evals" / "roundtrip-r0-ipc10-dc.json").read_text())
+    q = SCALES["smoke"]["digits"].val_per_class
+    trip_val = json.loads((sub / "sampling" / f"roundtrip-ipc{q}.json").read_text())
+    real_val = json.loads((sub / "sampling" / f"random-ipc{q}.json").read_text())
+    assert trip_val["per_class"] == real_val["per_class"] == q
+    # the round trip is of the random-real images: recomputed here, it is not those images
+    x, _, _ = load_source_set(open_source("digits", "train"), 10)
+    assert not torch.equal(reconstruct(vae, x), x)
+    res = json.loads((out / "results.json").read_text())
+    row = {g["name"]: g for g in res["generators"]}[name]
+    assert row["roundtrip"]["accuracy"] == trip["acc_best"]
+    assert row["roundtrip"]["val"]["fd"] == trip_val["fd"]
+    assert row["roundtrip"]["real_val"]["fd"] == real_val["fd"]
+    assert row["settings"]["latents"] == "small-f4 latents (4x2x2)"
+    dit = load_dit(str(sub / "base" / "pretrained"))
+    assert row["parameters"] == sum(t.numel() for t in dit.parameters())
+    md = (out / "results.md").read_text()
+    assert f"{name}'s autoencoder alone" in md and f"scores {trip['acc_best']:.1f}" in md
+    # a rerun computes nothing again
+    before = {p: p.stat().st_mtime_ns for p in sub.rglob("*.json")}
+    assert main([*args, "--generators", name]) == 0
+    assert {p: p.stat().st_mtime_ns for p in sub.rglob("*.json")} == before
+
+
 def test_probes_draw_each_generator_at_other_settings_and_need_no_weights_once_drawn(
         study_dir, tmp_path, capsys):
     import shutil
