@@ -40,7 +40,7 @@ class ModelConfig:
     dit: str = "micro"  # DiT preset (XL/2, ...), a diffusers folder or an original-layout .pt
     dit_weights: str = "ema"  # ema | model: which weights of a DiT training checkpoint (.pt)
     dit_heads: int = 0  # attention heads of a .pt DiT outside the paper's sizes; 0 = inferred
-    vae: str = "none"  # none (pixel space), a VAE preset (sd, small) or a diffusers folder
+    vae: str = "none"  # none (pixels), a diffusers folder, or a preset trained here (small-f4, ...)
     decode_vae: str = ""  # VAE used to decode samples (sd-vae-ft-mse); "" = the encoding VAE
     patch_size: int = 0  # DiT patch size for presets; 0 = the preset's own
     conditioning: str = "auto"  # auto | imagenet | class: which label conditions the DiT
@@ -56,10 +56,10 @@ class PretrainConfig:
     decay: str = "constant"  # constant | cosine: lr after warm-up (cosine falls toward 0)
     # model.vae a preset: the autoencoder trained here first, on the same images
     # (ddfast.autoencoder), then the DiT on its latents
-    vae_steps: int = 3000  # its optimiser steps
-    vae_batch_size: int = 64  # its images per step
-    vae_lr: float = 1e-3  # its AdamW learning rate
-    vae_kl: float = 1e-6  # weight of its KL term against the per-pixel squared error
+    vae_steps: int = 3000  # VAE trained here (model.vae a preset): optimiser steps
+    vae_batch_size: int = 64  # VAE trained here: images per step
+    vae_lr: float = 1e-3  # VAE trained here: AdamW learning rate
+    vae_kl: float = 1e-6  # VAE trained here: weight of the KL term against the per-pixel error
 
 
 @dataclass(frozen=True)
