@@ -307,7 +307,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     log(f"ddfast: run folder {out} ({'resumed' if resumed else 'new'}), device {device}, "
         f"{precision}, {len(latents)} training images in {len(source.class_names)} classes"
         + (f", {dist.world} processes" if dist.active else ""))
-    timings["data"] = time.perf_counter() - t0
+    timings["data"] = time.perf_counter() - t0 - timings.get("vae", 0.0)  # the VAE apart
     diffusion = Diffusion(device=device)
     cond_table = torch.tensor(cond, device=device)
     null = null_label(dit)

@@ -102,6 +102,13 @@ def test_a_run_trains_its_autoencoder_first_and_resumes_without_retraining(tmp_p
     out = tmp_path / "a"
     report = json.loads((out / "vae.json").read_text())
     assert summary["vae"] == report and "vae" not in summary["reused"]
+    # the autoencoder's time is its own stage, not the data's
+    seconds = [r["seconds"] for r in map(json.loads, (out / "metrics.jsonl").read_text()
+                                         .splitlines()) if r["stage"] == "vae"]
+    assert summary["timings_s"]["vae"] >= seconds[-1]
+    # reading 1,800 digits takes a small fraction of 40 training steps, a scaling pass and a
+    # held-out round trip; counted inside the data's time, the VAE's would exceed it
+    assert summary["timings_s"]["data"] < summary["timings_s"]["vae"]
     assert report["latent_shape"] == [4, 2, 2] and report["preset"] == "small-f4"
     assert report["held_out_reconstruction"]["images"] == 5 * 10
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
