@@ -1070,13 +1070,18 @@ class Study:
         from ddfast.autoencoder import reconstruct
         from ddfast.models import load_vae
 
+        q = self.scale.val_per_class
+        cells = [self.work / "evals" / f"{ROUNDTRIP}-r0-ipc{EXACT_IPC}-dc.json",
+                 self.work / "sampling" / f"random-ipc{q}.json",
+                 self.work / "sampling" / f"{ROUNDTRIP}-ipc{q}.json"]
+        if all(c.is_file() for c in cells):  # measured: the weights are not needed again
+            return
         folder = self.work / "base" / "vae"
         if not (folder / "config.json").is_file():
             self.pretrained()  # the autoencoder is trained first in the from-scratch DiT's run
         vae = load_vae(folder)
         x, y = self.method_set("random", 0, EXACT_IPC)
         self.evaluate_cell(f"{ROUNDTRIP}-r0-ipc{EXACT_IPC}-dc", reconstruct(vae, x), y, "dc", 0)
-        q = self.scale.val_per_class
         x, y = self.method_set("random", 0, q)
         self.quality_cell(f"random-ipc{q}", x, y, against="val")
         self.quality_cell(f"{ROUNDTRIP}-ipc{q}", reconstruct(vae, x), y, against="val")

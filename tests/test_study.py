@@ -835,6 +835,16 @@ def test_a_latent_candidate_trains_its_autoencoder_and_measures_its_round_trip(s
     before = {p: p.stat().st_mtime_ns for p in sub.rglob("*.json")}
     assert main([*args, "--generators", name]) == 0
     assert {p: p.stat().st_mtime_ns for p in sub.rglob("*.json")} == before
+    # As in a clean checkout (no weights), a missing cell is computed without training the
+    # generator or its autoencoder again: the round trip is measured, so it needs neither.
+    shutil.rmtree(sub / "base" / "vae")
+    shutil.rmtree(sub / "base" / "pretrained")
+    probe = next(sub.glob("evals/dit-g*-r0-ipc10-dc.json"))
+    probe.unlink()
+    assert main([*args, "--generators", name]) == 0
+    assert probe.is_file()
+    assert not (sub / "base" / "vae").exists() and not (sub / "base" / "pretrained").exists()
+    assert json.loads((sub / "evals" / "roundtrip-r0-ipc10-dc.json").read_text()) == trip
 
 
 def test_probes_draw_each_generator_at_other_settings_and_need_no_weights_once_drawn(
