@@ -47,8 +47,9 @@ def train_vae(vae, images: torch.Tensor, spec: VaeSpec, *, device: torch.device 
               metrics_path: Path | None = None, progress: bool = False) -> dict:
     """Train ``vae`` (an AutoencoderKL) in place on uint8 ``images`` (N, C, H, W).
 
-    Logs (and returns) the mean squared error and KL per image over each ``log_every`` steps,
-    the returned ones over the last ``log_every``. Batches are
+    Logs (and returns) the mean squared error and KL per image over each ``log_every`` steps
+    (the returned ones: the last interval's), reading them from the device once per interval;
+    a non-finite loss stops training at the end of its interval. Batches are
     drawn with replacement from a generator seeded by ``spec.seed``, so the same inputs give the
     same model on the same machine."""
     if spec.steps < 1 or spec.batch_size < 1:
@@ -64,6 +65,7 @@ def train_vae(vae, images: torch.Tensor, spec: VaeSpec, *, device: torch.device 
     noise = torch.Generator(device=device).manual_seed(spec.seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=spec.lr, weight_decay=0.0)
     pixels = math.prod(images.shape[1:])
+    interval: list[torch.Tensor] = []  # (2,) per step of this log interval: mse, kl
     recent: list[tuple[float, float]] = []
     t0 = time.perf_counter()
     for step in bar(range(1, spec.steps + 1), enabled=progress, desc="vae", unit="step"):
@@ -78,19 +80,21 @@ def train_vae(vae, images: torch.Tensor, spec: VaeSpec, *, device: torch.device 
         mse = (recon - x).pow(2).flatten(1).mean(1)  # (B,)
         kl = post.kl()  # (B,) summed over latent elements
         loss = (mse + spec.kl_weight * kl / pixels).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the VAE's loss became {loss.item()} at step {step}; lower "
-                                     f"--pretrain.vae_lr (it is {spec.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        recent = (recent + [(mse.mean().item(), kl.mean().item())])[-spec.log_every:]
-        if metrics_path is not None and (step % spec.log_every == 0 or step == spec.steps):
-            n = min(len(recent), step % spec.log_every or spec.log_every)  # this interval's
-            append_jsonl(metrics_path, {"stage": "vae", "step": step,
-                                        "mse": sum(m for m, _ in recent[-n:]) / n,
-                                        "kl": sum(k for _, k in recent[-n:]) / n,
-                                        "seconds": round(time.perf_counter() - t0, 2)})
+        interval.append(torch.stack([mse.detach().mean(), kl.detach().mean()]))
+        if step % spec.log_every == 0 or step == spec.steps:  # one host sync per interval
+            recent = [(m, k) for m, k in torch.stack(interval).tolist()]
+            interval = []
+            if not all(math.isfinite(m) and math.isfinite(k) for m, k in recent):
+                raise FloatingPointError(f"the VAE's loss is not finite by step {step}; lower "
+                                         f"--pretrain.vae_lr (it is {spec.lr})")
+            if metrics_path is not None:
+                append_jsonl(metrics_path, {"stage": "vae", "step": step,
+                                            "mse": sum(m for m, _ in recent) / len(recent),
+                                            "kl": sum(k for _, k in recent) / len(recent),
+                                            "seconds": round(time.perf_counter() - t0, 2)})
     vae.eval()
     return {"mse": sum(m for m, _ in recent) / len(recent),
             "kl": sum(k for _, k in recent) / len(recent)}
@@ -126,7 +130,7 @@ def reconstruct(vae, images: torch.Tensor, *, device: torch.device | str = "cpu"
     for i in range(0, len(images), batch_size):
         x = to_model_range(images[i:i + batch_size]).to(device)
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().cpu()
-        out.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+        out.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))  # as PNGs are written
     return torch.cat(out)
 
 

@@ -406,7 +406,7 @@ def generators(study) -> list[dict]:
     its samples' quality against the held-out images at the chosen sampling setting, and its
     IPC-10 set (seed 0, no fine-tuning): quality against the test images and accuracy under the
     DC/DSA recipe."""
-    from ddfast.models import VAE_PRESETS, build_dit
+    from ddfast.models import VAE_PRESETS, build_dit, build_vae, vae_factor
     from ddfast.study import EXACT_IPC, ROUNDTRIP
 
     if not study.scale.generators:
@@ -422,19 +422,19 @@ def generators(study) -> list[dict]:
             m, pre, precision = cfg["model"], cfg["pretrain"], cfg["run"]["precision"]
             if precision == "auto" and summary is not None:  # as ddfast.train resolves it
                 precision = "bf16" if summary.get("device", "cpu").startswith("cuda") else "fp32"
-            vae = VAE_PRESETS.get(m.get("vae", "none"))  # a latent candidate's autoencoder
             channels, side = train.channels, train.resolution
-            if vae is not None:
-                channels = vae["latent_channels"]
-                side //= 2 ** (len(vae["block_out_channels"]) - 1)
+            latent = m.get("vae", "none") in VAE_PRESETS  # a latent candidate's autoencoder
             with torch.device("meta"):  # sizes only: no memory, no initialisation
+                if latent:
+                    vae = build_vae(m["vae"], in_channels=channels, sample_size=side)
+                    channels, side = vae.config.latent_channels, side // vae_factor(vae)
                 dit = build_dit(m["dit"], in_channels=channels, sample_size=side,
                                 num_classes=len(train.class_names),
                                 patch_size=m["patch_size"] or None)
             row["settings"] = {"dit": m["dit"], "patch": dit.config.patch_size,
                                "steps": pre["steps"], "batch": pre["batch_size"],
                                "lr": pre["lr"], "precision": precision}
-            if vae is not None:
+            if latent:
                 row["settings"]["latents"] = f"{m['vae']} latents ({channels}x{side}x{side})"
             row["parameters"] = sum(t.numel() for t in dit.parameters())
         if summary is not None:
