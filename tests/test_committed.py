@@ -51,3 +51,14 @@ def test_the_candidates_from_scratch_runs_are_the_ones_the_study_asks_for():
         assert Config.from_dict(json.loads(stored.read_text())).digest() == expected, name
         checked += 1
     assert checked >= 5  # mini, micro-p2, mini-gpu, s-gpu, micro-noflip are committed
+
+
+def test_the_latent_study_trains_the_latent_candidate_of_the_cpu_study():
+    """The cpu-latent study's generator is the cpu study's latent-f4 candidate: one run's
+    settings (so either study's committed run answers the other's)."""
+    cpu = Study("fashion-mnist", "cpu", RESULTS / "fashion-mnist", progress=False)
+    latent = Study("fashion-mnist", "cpu-latent", RESULTS / "fashion-mnist-latent", progress=False)
+    base = {"objective.method": "dit", "sample.ipc": "1"}
+    candidate = cpu.generator_study("latent-f4").config("base", base, pretrain_only=True)
+    assert latent.config("base", base, pretrain_only=True).digest() == candidate.digest()
+    assert cpu.config("base", base, pretrain_only=True).digest() != candidate.digest()
