@@ -257,7 +257,7 @@ SCALES = {
             lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
             sampling_criterion="accuracy",
             sampling_grid=((1.0, "ddpm", 50), (1.5, "ddpm", 50), (2.0, "ddpm", 50),
-                           (3.0, "ddpm", 50), (2.0, "ddim", 50), (3.0, "ddim", 50),
+                           (3.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddpm", 50, "80,580"), (6.0, "ddpm", 50, "80,580")),
             base={**FMNIST_CPU_BASE, **LATENT_F4}),
     },
