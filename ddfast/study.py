@@ -1,9 +1,12 @@
 """``python -m ddfast.study``: the results study on real data that installs offline.
 
     python -m ddfast.study --dataset digits --scale cpu --out results/digits
+    python -m ddfast.study --dataset fashion-mnist --scale cpu-latent \\
+        --out results/fashion-mnist-latent
     python -m ddfast.study --dataset fashion-mnist --scale full --out results/fashion-mnist-full
 
-One class-conditional DiT is trained from scratch on the training split (pixel space), and from
+One class-conditional DiT is trained from scratch on the training split (in pixels, or on the
+latents of an autoencoder trained first where the scale's settings name one), and from
 that same model come the distilled sets of every method: ``random`` (the first IPC real images of
 each class), ``dit`` (the model sampled without fine-tuning), ``minimax`` (fifo memories) and
 ``ours`` (adaptive memories, updated every step as the released code, or per epoch as the paper's
@@ -15,8 +18,9 @@ Ablations sweep lambda_r, lambda_g and the two memory capacities around their de
 A repeat ``r`` fine-tunes with ``run.seed=r``, samples with ``sample.seed=r`` and seeds the
 classifier with ``r``; ``random`` varies only the classifier. Every cell (a run, an evaluation)
 is written when it finishes and skipped when found, so a killed study resumes by rerunning the
-same command; ``--report`` rebuilds the table and plots from the cells on disk. Nothing is tuned:
-the settings are the method's defaults, so the test split is only ever used for testing.
+same command; ``--report`` rebuilds the table and plots from the cells on disk. Nothing is tuned
+on the test split: the settings are the method's defaults, and where a scale chooses its sampling
+setting it chooses on training images held out of every run.
 """
 
 from __future__ import annotations
@@ -1291,7 +1295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=0, help="override the scale's repeats")
     p.add_argument("--scale", default="full", choices=tuple(SCALES),
                    help="full: IPC 1/10/50, 3 repeats (a GPU's work); cpu: IPC 1/10 sized for "
-                        "2 CPU cores; smoke: seconds, for tests")
+                        "2 CPU cores; cpu-latent (fashion-mnist): cpu on a latent DiT, its "
+                        "sampling chosen by held-out accuracy; smoke: seconds, for tests")
     p.add_argument("--out", required=True, help="study folder: results.json, results.md, plots; "
                    "run folders and cells under <out>/work")
     p.add_argument("--root", help="fashion-mnist: the IDX folder (default: Debian's)")
