@@ -238,9 +238,7 @@ SCALES = {
                 # with their class mean over its mirror image), and a generator trained on
                 # flips draws half of them mirrored.
                 "micro-noflip": NOFLIP,
-                # Latent space: a factor-4 autoencoder trained here first (28 px to 7x7x4,
-                # ddfast.autoencoder; about 12 min of one core), then this study's DiT on its
-                # latents with 1x1 patches: the same 49 tokens, each a 4x4-pixel patch's code.
+                # Latent space (LATENT_F4; the autoencoder takes about 12 min of one core).
                 "latent-f4": LATENT_F4},
             # Guidance 6 inside timesteps 80-580 only (sigma in about 0.28 to 5.4).
             generator_probes=(("-g6-interval80-580", {"sample.guidance_scale": "6",
