@@ -36,11 +36,21 @@ from ddfast.progress import bar
 class VaeSpec:
     steps: int  # optimiser steps
     batch_size: int  # images per step
-    lr: float  # AdamW learning rate (constant)
+    lr: float  # AdamW learning rate: throughout, or the first step's under decay "cosine"
     kl_weight: float  # weight of the KL term against the per-pixel squared error, per pixel
     seed: int  # batch order, flips and posterior draws
     hflip: bool = False  # mirror each drawn image half of the time
     log_every: int = 100  # steps between metrics lines
+    decay: str = "constant"  # constant | cosine: a half cosine from lr toward 0 over the steps
+
+
+def step_lr(spec: VaeSpec, step: int) -> float:
+    """Learning rate of optimiser step ``step`` (1-based): ``spec.lr`` throughout, or under
+    decay "cosine" a half cosine from ``spec.lr`` at step 1 that would reach 0 one step after
+    the last."""
+    if spec.decay == "cosine":
+        return spec.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / spec.steps))
+    return spec.lr
 
 
 def train_vae(vae, images: torch.Tensor, spec: VaeSpec, *, device: torch.device | str = "cpu",
@@ -56,6 +66,9 @@ def train_vae(vae, images: torch.Tensor, spec: VaeSpec, *, device: torch.device 
         raise ConfigError(f"the VAE needs steps and batch size of at least 1, got {spec.steps} "
                           f"and {spec.batch_size}: set --pretrain.vae_steps and "
                           f"--pretrain.vae_batch_size")
+    if spec.decay not in ("constant", "cosine"):
+        raise ConfigError(f"the VAE's learning-rate decay is constant or cosine, got "
+                          f"{spec.decay!r}: set --pretrain.vae_decay")
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ConfigError(f"train_vae takes uint8 images (N, C, H, W), got {images.dtype} "
                           f"{tuple(images.shape)}")
@@ -66,9 +79,11 @@ def train_vae(vae, images: torch.Tensor, spec: VaeSpec, *, device: torch.device 
     opt = torch.optim.AdamW(vae.parameters(), lr=spec.lr, weight_decay=0.0)
     pixels = math.prod(images.shape[1:])
     interval: list[torch.Tensor] = []  # (2,) per step of this log interval: mse, kl
-    recent: list[tuple[float, float]] = []
+    recent: list[list[float]] = []  # the last interval's [mse, kl] per step
     t0 = time.perf_counter()
     for step in bar(range(1, spec.steps + 1), enabled=progress, desc="vae", unit="step"):
+        for group in opt.param_groups:
+            group["lr"] = step_lr(spec, step)
         idx = torch.randint(len(images), (spec.batch_size,), generator=gen)  # (B,)
         x = to_model_range(images[idx]).to(device)  # (B, C, H, W) in [-1, 1]
         if spec.hflip:
@@ -85,7 +100,7 @@ def train_vae(vae, images: torch.Tensor, spec: VaeSpec, *, device: torch.device 
         opt.step()
         interval.append(torch.stack([mse.detach().mean(), kl.detach().mean()]))
         if step % spec.log_every == 0 or step == spec.steps:  # one host sync per interval
-            recent = [(m, k) for m, k in torch.stack(interval).tolist()]
+            recent = torch.stack(interval).tolist()  # [[mse, kl], ...]
             interval = []
             if not all(math.isfinite(m) and math.isfinite(k) for m, k in recent):
                 raise FloatingPointError(f"the VAE's loss is not finite by step {step}; lower "

@@ -60,6 +60,7 @@ class PretrainConfig:
     vae_batch_size: int = 64  # VAE trained here: images per step
     vae_lr: float = 1e-3  # VAE trained here: AdamW learning rate
     vae_kl: float = 1e-6  # VAE trained here: weight of the KL term against the per-pixel error
+    vae_decay: str = "constant"  # VAE trained here: constant | cosine (lr falls toward 0)
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ class Config:
 LATER_KEYS = {"data.holdout": 0, "memory.refresh_every": 0, "pretrain.decay": "constant",
               "sample.guidance_interval": (), "sample.select": "none", "sample.pool": 0,
               "sample.feature_epochs": 0, "sample.strength": 0.0, "pretrain.vae_steps": 3000,
-              "pretrain.vae_batch_size": 64, "pretrain.vae_lr": 1e-3, "pretrain.vae_kl": 1e-6}
+              "pretrain.vae_batch_size": 64, "pretrain.vae_lr": 1e-3, "pretrain.vae_kl": 1e-6,
+              "pretrain.vae_decay": "constant"}
 # Settings that do not change results: outside the digest, and free to change on --resume
 # (eval.baseline adds the random-real row beside the method's; the method's figures stay).
 NON_RESULT_KEYS = ("run.out", "run.device", "run.progress", "run.log_every", "run.ckpt_every",
@@ -201,6 +203,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dit_weights": ("ema", "model"),
     "objective.method": ("ours", "minimax", "dit"),
     "pretrain.decay": ("constant", "cosine"),
+    "pretrain.vae_decay": ("constant", "cosine"),
     "sample.select": ("none", "prototypes", "anchored"),
     "memory.policy": ("auto", "adaptive", "fifo"),
     "memory.timing": ("step", "epoch"),

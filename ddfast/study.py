@@ -239,7 +239,11 @@ SCALES = {
                 # flips draws half of them mirrored.
                 "micro-noflip": NOFLIP,
                 # Latent space (LATENT_F4; the autoencoder takes about 12 min of one core).
-                "latent-f4": LATENT_F4},
+                "latent-f4": LATENT_F4,
+                # Its autoencoder trained twice as long, the rate falling to 0 on a half cosine:
+                # the round trip costs latent-f4's sets a point, and its loss still fell.
+                "latent-f4-cosine": {**LATENT_F4, "pretrain.vae_steps": "6000",
+                                     "pretrain.vae_decay": "cosine"}},
             # Guidance 6 inside timesteps 80-580 only (sigma in about 0.28 to 5.4).
             generator_probes=(("-g6-interval80-580", {"sample.guidance_scale": "6",
                                                        "sample.guidance_interval": "80,580"}),),

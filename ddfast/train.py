@@ -504,13 +504,14 @@ def autoencoder_stage(cfg: Config, out: Path, vae, source, indices: torch.Tensor
         if dist.main:
             p = cfg.pretrain
             log(f"[vae] training {cfg.model.vae} for {p.vae_steps} steps of {p.vae_batch_size} "
-                f"on {len(indices)} images")
+                f"on {len(indices)} images (lr {p.vae_lr:g}, {p.vae_decay})")
             images = source.images(indices)  # (N, C, H, W) uint8
             torch.manual_seed(cfg.run.seed)  # its initialisation is part of the run
             vae = build_vae(cfg.model.vae, in_channels=source.channels,
                             sample_size=source.resolution)
             spec = VaeSpec(p.vae_steps, p.vae_batch_size, p.vae_lr, p.vae_kl, cfg.run.seed,
-                           hflip=cfg.data.hflip, log_every=cfg.run.log_every)
+                           hflip=cfg.data.hflip, log_every=cfg.run.log_every,
+                           decay=p.vae_decay)
             last = train_vae(vae, images, spec, device=device, metrics_path=out / "metrics.jsonl",
                              progress=progress)
             vae = vae.cpu()

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from ddfast.autoencoder import (
     reconstruct,
     reconstruction_error,
     save_vae,
+    step_lr,
     train_vae,
 )
 from ddfast.config import resolve
@@ -78,10 +80,34 @@ def test_training_is_a_function_of_the_seed(digits):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_cosine_decay_falls_from_the_rate_toward_zero_and_changes_the_model(digits):
+    spec = VaeSpec(steps=100, batch_size=16, lr=2e-3, kl_weight=1e-6, seed=0, decay="cosine")
+    assert step_lr(spec, 1) == 2e-3
+    assert step_lr(spec, 51) == pytest.approx(1e-3, rel=1e-12)  # half way: half the rate
+    assert 0 < step_lr(spec, 100) < 2e-3 * 1e-3  # 0.5 * (1 + cos(0.99 pi)) = 2.5e-4
+    assert all(step_lr(spec, i) > step_lr(spec, i + 1) for i in range(1, 100))
+    assert {step_lr(replace(spec, decay="constant"), i) for i in (1, 50, 100)} == {2e-3}
+
+    def once(decay, steps):
+        torch.manual_seed(0)
+        vae = build_vae("small-f4", in_channels=1, sample_size=8)
+        train_vae(vae, digits[0][:200], VaeSpec(steps=steps, batch_size=16, lr=1e-3,
+                                                 kl_weight=1e-6, seed=0, decay=decay))
+        return vae.state_dict()
+
+    # The first step runs at the full rate under both; by the third the rates differ.
+    a, b = once("constant", 1), once("cosine", 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = once("constant", 3), once("cosine", 3)
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_arguments_and_an_existing_folder_are_refused(digits, trained, tmp_path):
     vae, _ = trained
     with pytest.raises(ConfigError, match="pretrain.vae_steps"):
         train_vae(vae, digits[0], VaeSpec(0, 8, 1e-3, 1e-6, 0))
+    with pytest.raises(ConfigError, match="pretrain.vae_decay"):
+        train_vae(vae, digits[0], VaeSpec(1, 8, 1e-3, 1e-6, 0, decay="linear"))
     with pytest.raises(ConfigError, match="uint8"):
         train_vae(vae, digits[0].float(), VaeSpec(1, 8, 1e-3, 1e-6, 0))
     save_vae(tmp_path / "vae", vae)

@@ -116,7 +116,7 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
                                   "sample.guidance_interval", "sample.select", "sample.pool",
                                   "sample.feature_epochs", "sample.strength",
                                   "pretrain.vae_steps", "pretrain.vae_batch_size",
-                                  "pretrain.vae_lr", "pretrain.vae_kl"):
+                                  "pretrain.vae_lr", "pretrain.vae_kl", "pretrain.vae_decay"):
         section, name = key.split(".")
         old[section].pop(name)
     want = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
@@ -127,6 +127,7 @@ def test_a_later_setting_at_its_neutral_value_keeps_older_digests():
     assert resolve("smoke", {**epoch, "memory.refresh_every": "5"}).digest() != resolve(
         "smoke", epoch).digest()
     assert resolve("smoke", {"pretrain.decay": "cosine"}).digest() != want
+    assert resolve("smoke", {"pretrain.vae_decay": "cosine"}).digest() != want
     with pytest.raises(ConfigError, match="pretrain.decay"):
         resolve("smoke", {"pretrain.decay": "linear"})
     interval = resolve("smoke", {"sample.guidance_interval": "80,580"})
