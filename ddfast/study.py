@@ -178,6 +178,11 @@ FMNIST_CPU_BASE = {"data.hflip": "true",
                    "model.dit": "micro", "model.patch_size": "4", "pretrain.steps": "8000",
                    "pretrain.lr": "2e-3", "pretrain.batch_size": "128", "pretrain.warmup": "500",
                    "pretrain.ema_decay": "0.999", "optim.steps": "300", "sample.batch_size": "500"}
+# The cells of both Fashion-MNIST cpu studies (pixel and latent generator), the extras aside.
+FMNIST_CPU_CELLS = dict(ipc=(1, 10), repeats=3, protocols=("dc", "small"), small_repeats=3,
+                        small_ipc=(1, 10), full_epochs=4, full_batch=64, ablations=False,
+                        holdout=500, val_per_class=50, ipc_once=(50,),
+                        lambda_g_factors=(25.0, 250.0), epoch_refreshes=8)
 # Latent space: a factor-4 autoencoder trained first (28 px to 7x7x4, ddfast.autoencoder), then
 # the DiT on its latents with 1x1 patches (the same 49 tokens, each a 4x4-pixel patch's code).
 LATENT_F4 = {"model.vae": "small-f4", "model.patch_size": "1", **NOFLIP}
@@ -207,10 +212,7 @@ SCALES = {
                         ablations=True, small_repeats=1, ablation_repeats=2,
                         lambda_g_factors=(0.0, 25.0, 250.0, 2500.0)),
         "fashion-mnist": Scale(
-            ipc=(1, 10), repeats=3, protocols=("dc", "small"), small_repeats=3, small_ipc=(1, 10),
-            full_epochs=4, full_batch=64,
-            ablations=False, holdout=500, val_per_class=50, ipc_once=(50,),
-            lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
+            **FMNIST_CPU_CELLS,
             exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3, matched_pool=200,
             select_pool=200, select_protocols=("dc", "small"), larger_pools=(1000,),
             anchor_grid=(0.1, 0.2, 0.3, 0.5, 0.7),
@@ -257,11 +259,7 @@ SCALES = {
     # cpu study's; IPC 50 once per method, as there.
     "cpu-latent": {
         "fashion-mnist": Scale(
-            ipc=(1, 10), repeats=3, protocols=("dc", "small"), small_repeats=3, small_ipc=(1, 10),
-            full_epochs=4, full_batch=64,
-            ablations=False, holdout=500, val_per_class=50, ipc_once=(50,),
-            lambda_g_factors=(25.0, 250.0), epoch_refreshes=8,
-            sampling_criterion="accuracy",
+            **FMNIST_CPU_CELLS, sampling_criterion="accuracy",
             sampling_grid=((1.0, "ddpm", 50), (1.5, "ddpm", 50), (2.0, "ddpm", 50),
                            (3.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddpm", 50, "80,580"), (6.0, "ddpm", 50, "80,580")),
