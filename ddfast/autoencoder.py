@@ -16,6 +16,7 @@ the posterior means of the training images, recorded as ``scaling_factor``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -28,7 +29,7 @@ import torch
 
 from ddfast.data.cache import to_model_range
 from ddfast.errors import ConfigError, OutputError
-from ddfast.io import append_jsonl
+from ddfast.io import append_jsonl, read_jsonl, write_text
 from ddfast.progress import bar
 
 
@@ -72,6 +73,12 @@ def train_vae(vae, images: torch.Tensor, spec: VaeSpec, *, device: torch.device 
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ConfigError(f"train_vae takes uint8 images (N, C, H, W), got {images.dtype} "
                           f"{tuple(images.shape)}")
+    if metrics_path is not None and Path(metrics_path).is_file():
+        # A run killed mid-way trains its autoencoder again from step 1: its lines go too.
+        rows = read_jsonl(metrics_path)
+        kept = [r for r in rows if r.get("stage") != "vae"]
+        if len(kept) != len(rows):
+            write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     device = torch.device(device)
     vae = vae.to(device).train()
     gen = torch.Generator().manual_seed(spec.seed)

@@ -102,6 +102,22 @@ def test_cosine_decay_falls_from_the_rate_toward_zero_and_changes_the_model(digi
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_training_again_replaces_the_autoencoders_log_lines_and_keeps_the_others(digits,
+                                                                               tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    other = {"stage": "data", "seconds": 1.0}
+    stale = {"stage": "vae", "step": 2, "mse": 9.0, "kl": 9.0}  # a killed first try's
+    metrics.write_text(json.dumps(other) + "\n" + json.dumps(stale) + "\n")
+    torch.manual_seed(0)
+    vae = build_vae("small-f4", in_channels=1, sample_size=8)
+    train_vae(vae, digits[0][:100], VaeSpec(steps=4, batch_size=8, lr=1e-3, kl_weight=1e-6,
+                                            seed=0, log_every=2), metrics_path=metrics)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert rows[0] == other
+    assert [r["step"] for r in rows[1:]] == [2, 4] and all(r["stage"] == "vae" for r in rows[1:])
+    assert rows[1]["mse"] != 9.0
+
+
 def test_bad_arguments_and_an_existing_folder_are_refused(digits, trained, tmp_path):
     vae, _ = trained
     with pytest.raises(ConfigError, match="pretrain.vae_steps"):
