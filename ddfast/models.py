@@ -61,7 +61,8 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
 # "sd": the sd-vae-ft-ema / -mse architecture (83.65 M parameters, factor 8, 4 latent channels,
 # latents scaled by 0.18215). "small": factor 2, for CPU demos (scale it by the latents' own std).
 # "small-f4": factor 4 (28 px to 7x7x4, a quarter of the pixels), trained here with the DiT
-# (``ddfast.autoencoder``) for small images such as Fashion-MNIST's.
+# (``ddfast.autoencoder``) for small images such as Fashion-MNIST's; "small-f4-c8" the same with
+# 8 latent channels (half the pixels).
 VAE_PRESETS: dict[str, dict] = {
     "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                norm_num_groups=32, scaling_factor=0.18215),
@@ -69,6 +70,8 @@ VAE_PRESETS: dict[str, dict] = {
                   norm_num_groups=16, scaling_factor=1.0),
     "small-f4": dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4,
                      norm_num_groups=8, scaling_factor=1.0),
+    "small-f4-c8": dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=8,
+                        norm_num_groups=8, scaling_factor=1.0),
 }
 
 _DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub release says the latter

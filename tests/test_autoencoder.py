@@ -57,6 +57,17 @@ def test_the_round_trip_beats_the_mean_image_on_unseen_digits(digits, trained):
     assert reconstruction_error(fresh, test_x)["mse"] > 0.8 * baseline
 
 
+@pytest.mark.parametrize("preset,channels", [("small-f4", 4), ("small-f4-c8", 8)])
+def test_a_factor_4_preset_maps_28_px_to_7x7_latents_of_its_channels(preset, channels):
+    torch.manual_seed(0)
+    vae = build_vae(preset, in_channels=1, sample_size=28).eval()
+    x = torch.zeros(2, 1, 28, 28)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        assert z.shape == (2, channels, 7, 7)
+        assert vae.decode(z).sample.shape == x.shape
+
+
 def test_scaling_factor_gives_unit_latent_std(digits, trained):
     vae, _ = trained
     scale = fit_scaling_factor(vae, digits[0])
