@@ -455,7 +455,8 @@ def generators(study) -> list[dict]:
                 "accuracy": trip["acc_best"],
                 "val": _json(work / "sampling" / f"{ROUNDTRIP}-ipc{q}.json"),
                 "real_val": _json(work / "sampling" / f"random-ipc{q}.json"),
-                "vae": (summary or {}).get("vae")}
+                # the autoencoder's own report when the run stopped before its summary
+                "vae": (summary or {}).get("vae") or _json(work / "base" / "vae.json")}
         row["probes"] = {}
         for tag, _ in study.scale.generator_probes:
             cell = _json(work / "evals" / f"dit{tag}-r0-ipc{EXACT_IPC}-dc.json")

@@ -845,6 +845,13 @@ def test_a_latent_candidate_trains_its_autoencoder_and_measures_its_round_trip(s
     assert probe.is_file()
     assert not (sub / "base" / "vae").exists() and not (sub / "base" / "pretrained").exists()
     assert json.loads((sub / "evals" / "roundtrip-r0-ipc10-dc.json").read_text()) == trip
+    # A run stopped after its autoencoder (no summary yet): the table reads the autoencoder's
+    # own report.
+    (sub / "base" / "summary.json").unlink()
+    assert main([*args, "--report"]) == 0
+    row = {g["name"]: g for g in json.loads((out / "results.json").read_text())["generators"]}
+    assert row[name]["roundtrip"]["vae"] == summary["vae"]
+    assert row[name]["roundtrip"]["vae"] == json.loads((sub / "base" / "vae.json").read_text())
 
 
 def test_probes_draw_each_generator_at_other_settings_and_need_no_weights_once_drawn(
