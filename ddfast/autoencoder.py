@@ -16,7 +16,6 @@ the posterior means of the training images, recorded as ``scaling_factor``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -27,10 +26,12 @@ from pathlib import Path
 
 import torch
 
+from ddfast.config import CHOICES
 from ddfast.data.cache import to_model_range
 from ddfast.errors import ConfigError, OutputError
-from ddfast.io import append_jsonl, read_jsonl, write_text
+from ddfast.io import append_jsonl, drop_logged_after
 from ddfast.progress import bar
+from ddfast.trainer import scheduled_lr
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,8 @@ class VaeSpec:
 def step_lr(spec: VaeSpec, step: int) -> float:
     """Learning rate of optimiser step ``step`` (1-based): ``spec.lr`` throughout, or under
     decay "cosine" a half cosine from ``spec.lr`` at step 1 that would reach 0 one step after
-    the last."""
-    if spec.decay == "cosine":
-        return spec.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / spec.steps))
-    return spec.lr
+    the last (the DiT's schedule, ``ddfast.trainer.scheduled_lr``, without warm-up)."""
+    return scheduled_lr(spec.lr, step - 1, spec.steps, 0, spec.decay)
 
 
 def train_vae(vae, images: torch.Tensor, spec: VaeSpec, *, device: torch.device | str = "cpu",
@@ -67,18 +66,15 @@ def train_vae(vae, images: torch.Tensor, spec: VaeSpec, *, device: torch.device 
         raise ConfigError(f"the VAE needs steps and batch size of at least 1, got {spec.steps} "
                           f"and {spec.batch_size}: set --pretrain.vae_steps and "
                           f"--pretrain.vae_batch_size")
-    if spec.decay not in ("constant", "cosine"):
-        raise ConfigError(f"the VAE's learning-rate decay is constant or cosine, got "
-                          f"{spec.decay!r}: set --pretrain.vae_decay")
+    if spec.decay not in CHOICES["pretrain.vae_decay"]:
+        raise ConfigError(f"the VAE's learning-rate decay is one of "
+                          f"{', '.join(CHOICES['pretrain.vae_decay'])}, got {spec.decay!r}: set "
+                          f"--pretrain.vae_decay")
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ConfigError(f"train_vae takes uint8 images (N, C, H, W), got {images.dtype} "
                           f"{tuple(images.shape)}")
-    if metrics_path is not None and Path(metrics_path).is_file():
-        # A run killed mid-way trains its autoencoder again from step 1: its lines go too.
-        rows = read_jsonl(metrics_path)
-        kept = [r for r in rows if r.get("stage") != "vae"]
-        if len(kept) != len(rows):
-            write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    if metrics_path is not None:  # a run killed mid-way trains it again from step 1
+        drop_logged_after(metrics_path, "vae", 0)
     device = torch.device(device)
     vae = vae.to(device).train()
     gen = torch.Generator().manual_seed(spec.seed)

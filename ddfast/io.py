@@ -96,6 +96,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def drop_logged_after(path: Path, stage: str, step: int) -> None:
+    """Delete the log lines of ``stage`` written after optimiser step ``step`` (all of them at
+    0): a stage resumed from step ``step`` logs those steps again, and each step is kept once.
+    The file is rewritten (atomically) only when a line goes."""
+    rows = read_jsonl(path)
+    kept = [r for r in rows if r.get("stage") != stage or r.get("step", 0) <= step]
+    if len(kept) != len(rows):
+        write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
 def to_uint8_image(x: torch.Tensor) -> np.ndarray:
     """(C, H, W) in [-1, 1] to an (H, W) or (H, W, C) uint8 array (round half to even)."""
     arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import signal
 import threading
@@ -30,7 +29,7 @@ from ddfast.data.cache import LatentSet
 from ddfast.diffusion import Diffusion
 from ddfast.distributed import Dist
 from ddfast.errors import DdfastError
-from ddfast.io import append_jsonl, read_jsonl, write_text
+from ddfast.io import append_jsonl, drop_logged_after
 from ddfast.memory import MemoryBank
 from ddfast.models import EMA
 from ddfast.progress import bar, log
@@ -91,15 +90,20 @@ class StageSpec:
 
 
 def stage_lr(spec: StageSpec, step: int) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warm-up over ``spec.warmup``
-    steps, then constant, or a half cosine from ``spec.lr`` that would reach 0 one step after the
-    last (the last step's rate is small but not 0)."""
-    if spec.warmup > 0 and step < spec.warmup:
-        return spec.lr * ((step + 1) / spec.warmup)  # in this order: old logs reproduce
-    if spec.decay == "cosine":
-        span = max(1, spec.steps - spec.warmup)
-        return spec.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - spec.warmup) / span)))
-    return spec.lr
+    """Learning rate of optimiser step ``step`` (0-based) of a stage (see ``scheduled_lr``)."""
+    return scheduled_lr(spec.lr, step, spec.steps, spec.warmup, spec.decay)
+
+
+def scheduled_lr(lr: float, step: int, steps: int, warmup: int, decay: str) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of ``steps``: linear warm-up over
+    ``warmup`` steps, then constant (``decay`` "constant"), or a half cosine from ``lr`` that
+    would reach 0 one step after the last (the last step's rate is small but not 0)."""
+    if warmup > 0 and step < warmup:
+        return lr * ((step + 1) / warmup)  # in this order: old logs reproduce
+    if decay == "cosine":
+        span = max(1, steps - warmup)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+    return lr
 
 
 def steps_per_epoch(num_items: int, batch_size: int) -> int:
@@ -261,14 +265,11 @@ def train_stage(model: torch.nn.Module, latents: LatentSet, diffusion: Diffusion
         start = ck["step"]
         if dist.main and start < spec.steps:
             log(f"[{spec.name}] resuming at step {start}/{spec.steps}")
-    if dist.main and metrics_path.is_file():
+    if dist.main:
         # Log lines of this stage written after the checkpoint (all of them when there is none:
         # a run folder whose outputs were deleted, or that holds only its committed logs) will
         # be written again; keep each step's line once.
-        rows = read_jsonl(metrics_path)
-        kept = [r for r in rows if r.get("stage") != spec.name or r.get("step", 0) <= start]
-        if len(kept) != len(rows):
-            write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        drop_logged_after(metrics_path, spec.name, start)
 
     def checkpoint(step: int) -> None:
         if not dist.main:
