@@ -32,6 +32,23 @@ def run_total_seconds(summary: dict) -> float:
     return sum(r["timings_s"]["total"] for r in _invocations(summary))
 
 
+def logged_seconds(metrics: Path, stage: str, batch_size: int) -> float | None:
+    """A training stage's time from its metrics log: each logged window's images over its rate
+    (``images_per_s``), summed over the stage's steps. Unlike the summary's timings, which
+    cover one invocation, this counts every step once however many invocations (a killed run
+    resumed, a run continued from another's checkpoint) computed them. None without a log."""
+    if not metrics.is_file():
+        return None
+    total, last = 0.0, 0
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("stage") != stage or not rec.get("images_per_s"):
+            continue
+        total += (rec["step"] - last) * batch_size / rec["images_per_s"]
+        last = rec["step"]
+    return total if last else None
+
+
 def stage_seconds(summary: dict, stage: str) -> float | None:
     """The time ``stage`` took in the invocation that computed it (the newest that did not
     read its output from disk), or None when none recorded it."""
@@ -438,7 +455,10 @@ def generators(study) -> list[dict]:
                 row["settings"]["latents"] = f"{m['vae']} latents ({channels}x{side}x{side})"
             row["parameters"] = sum(t.numel() for t in dit.parameters())
         if summary is not None:
-            row["pretrain_s"] = stage_seconds(summary, "pretrain")
+            row["pretrain_s"] = (
+                logged_seconds(work / "base" / "metrics.jsonl", "pretrain",
+                               cfg["pretrain"]["batch_size"]) if cfg is not None else None
+            ) or stage_seconds(summary, "pretrain")
             row["device"] = summary.get("device")  # the minutes are this device's
         sw = _json(work / "sampling.json")
         if sw is not None:
@@ -472,7 +492,9 @@ def generator_lines(res: dict) -> list[str]:
 
     probes = list(res["generators"][0].get("probes") or {})
     lines = ["Candidate generators (`--generators`), each trained from scratch here and sampled "
-             "at the study's chosen setting without fine-tuning: its samples against the "
+             "at the study's chosen setting without fine-tuning: its training time ("
+             "minutes, every logged step counted once across resumes, on the device named), "
+             "its samples against the "
              "held-out images (Fréchet distance, precision, recall, coverage, fidelity %), and "
              f"its IPC-{EXACT_IPC} set (seed 0): which way its items face (the mean over "
              "classes of the fraction that correlate better with their real class mean than "

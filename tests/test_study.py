@@ -10,6 +10,7 @@ import torch
 
 from ddfast.errors import ConfigError
 from ddfast.study import METHODS, SCALES, Study, main
+from ddfast.study_report import logged_seconds
 
 pytestmark = pytest.mark.slow
 
@@ -771,6 +772,11 @@ def test_a_candidate_generator_is_measured_in_a_study_of_its_own(study_dir, tmp_
     assert ours["accuracy"] == _cell(out, "dit-r0-ipc10-dc")["acc_best"]
     assert ours["settings"]["steps"] == int(scale.base["pretrain.steps"])
     assert ours["parameters"] == rows[name]["parameters"] > 0  # the same architecture
+    # the training time is the log's: within the stage's own timing, the checkpoints aside
+    logged = logged_seconds(sub / "base" / "metrics.jsonl", "pretrain",
+                            cfg["pretrain"]["batch_size"])
+    stage = json.loads((sub / "base" / "summary.json").read_text())["timings_s"]["pretrain"]
+    assert rows[name]["pretrain_s"] == logged and 0 < logged <= stage
     md = (out / "results.md").read_text()
     assert "Candidate generators" in md and f"| {name} |" in md
     assert (out / "grids" / f"generator-{name}.png").read_bytes()[:4] == b"\x89PNG"
@@ -791,6 +797,25 @@ def test_a_candidate_generator_is_measured_in_a_study_of_its_own(study_dir, tmp_
     assert main([*args, "--generators", f"{name},nope"]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and f"candidates are {name}" in err
+
+
+def test_a_stages_logged_time_counts_each_step_once_across_resumes(tmp_path):
+    """A stage's log after a resume holds each window once (the resume drops the lines after
+    its checkpoint), whichever invocation ran it: the time is every window's images over its
+    rate, the other stages' lines apart."""
+    lines = [{"stage": "vae", "step": 50, "images_per_s": 1.0},
+             {"stage": "pretrain", "step": 50, "images_per_s": 100.0},
+             {"stage": "pretrain", "step": 100, "images_per_s": 200.0},
+             {"stage": "pretrain", "step": 150, "images_per_s": 50.0},
+             {"stage": "pretrain", "step": 200, "images_per_s": 100.0},
+             {"stage": "finetune", "step": 50, "images_per_s": 1.0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    batch = 4
+    want = 50 * batch / 100 + 50 * batch / 200 + 50 * batch / 50 + 50 * batch / 100
+    assert logged_seconds(path, "pretrain", batch) == pytest.approx(want)
+    assert logged_seconds(path, "select", batch) is None
+    assert logged_seconds(tmp_path / "none.jsonl", "pretrain", batch) is None
 
 
 def test_a_latent_candidate_trains_its_autoencoder_and_measures_its_round_trip(study_dir,
