@@ -1101,22 +1101,45 @@ class Study:
         DC/DSA recipe (seed 0, one run, as a candidate's set), and of the first
         ``val_per_class`` training images of each class against the held-out images, beside
         those images themselves (cells ``roundtrip-*`` and ``random-ipc*`` under ``sampling/``).
-        A latent set cannot be sharper than its autoencoder's round trip."""
+        A latent set cannot be sharper than its autoencoder's round trip.
+
+        What its edges alone are worth (``ddfast.eval.edges``): the round trip unsharp-masked
+        to the real set's edge strength, and the real set blurred to the round trip's, each
+        under the same recipe (cells ``roundtrip-sharp-*`` and ``random-blur-*``; the
+        strengths and the filters' parameters in ``sampling/roundtrip-edges.json``). These
+        are measured wherever the autoencoder's weights are at hand; a clone whose round trip
+        is measured without them does not train the autoencoder again for them alone."""
         from ddfast.autoencoder import reconstruct
+        from ddfast.eval.edges import blur_to, edge_strength, sharpen_to
         from ddfast.models import load_vae
 
         q = self.scale.val_per_class
         cells = [self.work / "evals" / f"{ROUNDTRIP}-r0-ipc{EXACT_IPC}-dc.json",
                  self.work / "sampling" / f"random-ipc{q}.json",
                  self.work / "sampling" / f"{ROUNDTRIP}-ipc{q}.json"]
-        if all(c.is_file() for c in cells):  # measured: the weights are not needed again
-            return
+        edges = [self.work / "evals" / f"{ROUNDTRIP}-sharp-r0-ipc{EXACT_IPC}-dc.json",
+                 self.work / "evals" / f"random-blur-r0-ipc{EXACT_IPC}-dc.json",
+                 self.work / "sampling" / f"{ROUNDTRIP}-edges.json"]
         folder = self.work / "base" / "vae"
-        if not (folder / "config.json").is_file():
+        have_vae = (folder / "config.json").is_file()
+        if all(c.is_file() for c in cells) and (
+                all(c.is_file() for c in edges) or not have_vae):
+            return  # measured: the weights are not needed again
+        if not have_vae:
             self.pretrained()  # the autoencoder is trained first in the from-scratch DiT's run
         vae = load_vae(folder)
         x, y = self.method_set("random", 0, EXACT_IPC)
-        self.evaluate_cell(f"{ROUNDTRIP}-r0-ipc{EXACT_IPC}-dc", reconstruct(vae, x), y, "dc", 0)
+        back = reconstruct(vae, x)
+        self.evaluate_cell(f"{ROUNDTRIP}-r0-ipc{EXACT_IPC}-dc", back, y, "dc", 0)
+        real, trip = edge_strength(x), edge_strength(back)
+        sharp, amount = sharpen_to(back, real)
+        soft, sigma = blur_to(x, trip)
+        write_json(self.work / "sampling" / f"{ROUNDTRIP}-edges.json",
+                   {"ipc": EXACT_IPC, "real": real, "roundtrip": trip,
+                    "sharpened": edge_strength(sharp), "unsharp_amount": amount,
+                    "unsharp_sigma": 1.0, "blurred": edge_strength(soft), "blur_sigma": sigma})
+        self.evaluate_cell(f"{ROUNDTRIP}-sharp-r0-ipc{EXACT_IPC}-dc", sharp, y, "dc", 0)
+        self.evaluate_cell(f"random-blur-r0-ipc{EXACT_IPC}-dc", soft, y, "dc", 0)
         x, y = self.method_set("random", 0, q)
         self.quality_cell(f"random-ipc{q}", x, y, against="val")
         self.quality_cell(f"{ROUNDTRIP}-ipc{q}", reconstruct(vae, x), y, against="val")

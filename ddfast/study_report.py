@@ -417,6 +417,12 @@ def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _acc(path: Path) -> float | None:
+    """An evaluation cell's accuracy, or None where it has not run."""
+    cell = _json(path)
+    return None if cell is None else cell["acc_best"]
+
+
 def generators(study) -> list[dict]:
     """This study's generator and each candidate of the scale (``--generators``), as far as
     measured (nothing until a candidate has trained): its settings and size, its training time,
@@ -475,6 +481,9 @@ def generators(study) -> list[dict]:
                 "accuracy": trip["acc_best"],
                 "val": _json(work / "sampling" / f"{ROUNDTRIP}-ipc{q}.json"),
                 "real_val": _json(work / "sampling" / f"random-ipc{q}.json"),
+                "edges": _json(work / "sampling" / f"{ROUNDTRIP}-edges.json"),
+                "sharpened": _acc(work / "evals" / f"{ROUNDTRIP}-sharp-r0-ipc{EXACT_IPC}-dc.json"),
+                "blurred": _acc(work / "evals" / f"random-blur-r0-ipc{EXACT_IPC}-dc.json"),
                 # the autoencoder's own report when the run stopped before its summary
                 "vae": (summary or {}).get("vae") or _json(work / "base" / "vae.json")}
         row["probes"] = {}
@@ -543,6 +552,15 @@ def generator_lines(res: dict) -> list[str]:
                      f"{v['fidelity']:.1f}), the same images unchanged at {r['fd']:.3g} "
                      f"({r['precision']:.3f}, {r['recall']:.3f}, {r['fidelity']:.1f})"
                      if v and r else "") + "."]
+        edges = trip.get("edges")
+        if edges and trip.get("sharpened") is not None and trip.get("blurred") is not None:
+            lines[-1] += (
+                f" Its edges (mean absolute difference of neighbouring pixels, across plus down, "
+                f"in grey levels): {edges['roundtrip']:.1f} against the real images' "
+                f"{edges['real']:.1f}. The round trip unsharp-masked to the real images' edges "
+                f"(amount {edges['unsharp_amount']:.2f}, sigma {edges['unsharp_sigma']:g}) "
+                f"scores {trip['sharpened']:.1f}; the real images blurred to the round trip's "
+                f"(sigma {edges['blur_sigma']:.2f}) score {trip['blurred']:.1f}.")
     bar = []
     real = next((r for r in res["rows"] if (r["protocol"], r["method"], r["ipc"])
                  == ("dc", "random", EXACT_IPC)), None)

@@ -856,6 +856,20 @@ def test_a_latent_candidate_trains_its_autoencoder_and_measures_its_round_trip(s
     assert row["parameters"] == sum(t.numel() for t in dit.parameters())
     md = (out / "results.md").read_text()
     assert f"{name}'s autoencoder alone" in md and f"scores {trip['acc_best']:.1f}" in md
+    # the edges' cells: the round trip sharpened to the real set's edge strength, the real set
+    # blurred to the round trip's, each the strength it was moved to
+    from ddfast.eval.edges import blur_to, edge_strength, sharpen_to
+
+    edges = json.loads((sub / "sampling" / "roundtrip-edges.json").read_text())
+    back = reconstruct(vae, x)
+    assert edges["real"] == edge_strength(x) and edges["roundtrip"] == edge_strength(back)
+    assert sharpen_to(back, edges["real"])[1] == edges["unsharp_amount"]
+    assert blur_to(x, edges["roundtrip"])[1] == edges["blur_sigma"]
+    sharp = json.loads((sub / "evals" / "roundtrip-sharp-r0-ipc10-dc.json").read_text())
+    soft = json.loads((sub / "evals" / "random-blur-r0-ipc10-dc.json").read_text())
+    assert row["roundtrip"]["sharpened"] == sharp["acc_best"]
+    assert row["roundtrip"]["blurred"] == soft["acc_best"]
+    assert f"scores {sharp['acc_best']:.1f}; the real images blurred" in md
     # a rerun computes nothing again
     before = {p: p.stat().st_mtime_ns for p in sub.rglob("*.json")}
     assert main([*args, "--generators", name]) == 0
@@ -870,6 +884,11 @@ def test_a_latent_candidate_trains_its_autoencoder_and_measures_its_round_trip(s
     assert probe.is_file()
     assert not (sub / "base" / "vae").exists() and not (sub / "base" / "pretrained").exists()
     assert json.loads((sub / "evals" / "roundtrip-r0-ipc10-dc.json").read_text()) == trip
+    # the edges' cells need the autoencoder's weights: without them, they are not computed
+    (sub / "evals" / "random-blur-r0-ipc10-dc.json").unlink()
+    assert main([*args, "--generators", name]) == 0
+    assert not (sub / "evals" / "random-blur-r0-ipc10-dc.json").exists()
+    assert not (sub / "base" / "vae").exists()
     # A run stopped after its autoencoder (no summary yet): the table reads the autoencoder's
     # own report.
     (sub / "base" / "summary.json").unlink()
