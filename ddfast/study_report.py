@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddfast.io import write_json, write_png, write_text
+from ddfast.io import read_jsonl, write_json, write_png, write_text
 
 PROTOCOL_NAMES = {"dc": "DC/DSA recipe (1000 epochs, DSA augmentation)",
                   "small": "IDC recipe (1000 epochs at batch 64, IDC's DSA, CutMix on half the "
@@ -37,11 +37,8 @@ def logged_seconds(metrics: Path, stage: str, batch_size: int) -> float | None:
     (``images_per_s``), summed over the stage's steps. Unlike the summary's timings, which
     cover one invocation, this counts every step once however many invocations (a killed run
     resumed, a run continued from another's checkpoint) computed them. None without a log."""
-    if not metrics.is_file():
-        return None
     total, last = 0.0, 0
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_jsonl(metrics):  # a line cut short by a kill is skipped
         if rec.get("stage") != stage or not rec.get("images_per_s"):
             continue
         total += (rec["step"] - last) * batch_size / rec["images_per_s"]
@@ -482,8 +479,9 @@ def generators(study) -> list[dict]:
                 "val": _json(work / "sampling" / f"{ROUNDTRIP}-ipc{q}.json"),
                 "real_val": _json(work / "sampling" / f"random-ipc{q}.json"),
                 "edges": _json(work / "sampling" / f"{ROUNDTRIP}-edges.json"),
-                "sharpened": _acc(work / "evals" / f"{ROUNDTRIP}-sharp-r0-ipc{EXACT_IPC}-dc.json"),
-                "blurred": _acc(work / "evals" / f"random-blur-r0-ipc{EXACT_IPC}-dc.json"),
+                "sharp_accuracy": _acc(
+                    work / "evals" / f"{ROUNDTRIP}-sharp-r0-ipc{EXACT_IPC}-dc.json"),
+                "blur_accuracy": _acc(work / "evals" / f"random-blur-r0-ipc{EXACT_IPC}-dc.json"),
                 # the autoencoder's own report when the run stopped before its summary
                 "vae": (summary or {}).get("vae") or _json(work / "base" / "vae.json")}
         row["probes"] = {}
@@ -553,14 +551,14 @@ def generator_lines(res: dict) -> list[str]:
                      f"({r['precision']:.3f}, {r['recall']:.3f}, {r['fidelity']:.1f})"
                      if v and r else "") + "."]
         edges = trip.get("edges")
-        if edges and trip.get("sharpened") is not None and trip.get("blurred") is not None:
+        if edges and None not in (trip.get("sharp_accuracy"), trip.get("blur_accuracy")):
             lines[-1] += (
                 f" Its edges (mean absolute difference of neighbouring pixels, across plus down, "
                 f"in grey levels): {edges['roundtrip']:.1f} against the real images' "
                 f"{edges['real']:.1f}. The round trip unsharp-masked to the real images' edges "
                 f"(amount {edges['unsharp_amount']:.2f}, sigma {edges['unsharp_sigma']:g}) "
-                f"scores {trip['sharpened']:.1f}; the real images blurred to the round trip's "
-                f"(sigma {edges['blur_sigma']:.2f}) score {trip['blurred']:.1f}.")
+                f"scores {trip['sharp_accuracy']:.1f}; the real images blurred to the round trip's "
+                f"(sigma {edges['blur_sigma']:.2f}) score {trip['blur_accuracy']:.1f}.")
     bar = []
     real = next((r for r in res["rows"] if (r["protocol"], r["method"], r["ipc"])
                  == ("dc", "random", EXACT_IPC)), None)
