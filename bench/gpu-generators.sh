@@ -5,8 +5,8 @@
 #   bash bench/gpu-generators.sh OUT_DIR                 # on a CUDA machine, from the checkout's root
 #   NAMES=s-gpu bash bench/gpu-generators.sh OUT_DIR     # one candidate
 #
-# Each candidate (the study scale's `generators` table, default mini-p2-gpu and mini-gpu-long)
-# runs as
+# Each candidate (the study scale's `generators` table, default latent-mini-gpu, mini-p2-gpu and
+# mini-gpu-long) runs as
 #   python -m ddfast.study --dataset fashion-mnist --scale cpu --out results/fashion-mnist \
 #       --generators NAME --runs-only
 # from the source tree (no build: training from scratch and sampling use no fused op):
@@ -44,7 +44,7 @@ budget=${DDFAST_GPU_BUDGET:-420}
 dataset=${DATASET:-fashion-mnist}
 scale=${SCALE:-cpu}
 study=${STUDY_OUT:-results/fashion-mnist}
-names=${NAMES:-mini-p2-gpu,mini-gpu-long}
+names=${NAMES:-latent-mini-gpu,mini-p2-gpu,mini-gpu-long}
 data=${DDFAST_FMNIST:-$repo/.fmnist}
 
 log "candidate generators $names of $dataset/$scale into $study: $rev, budget ${budget} s"
