@@ -258,8 +258,9 @@ SCALES = {
                 "latent-f4-long": {**LATENT_F4, "pretrain.steps": "16000"},
                 # It did not either (75.3 against 75.4), nor did the sampling setting or a
                 # decoder fine-tuned on the frozen encoder: what is left is capacity and images.
-                # A GPU's minutes: latent-f4's autoencoder and latents under the mini width
-                # (4x micro's) on six times its images (12,000 steps of 512).
+                # A GPU's minutes: latent-f4's settings (its autoencoder, trained first in the
+                # run as there) with the mini width (4x micro's) on six times its images
+                # (12,000 steps of 512).
                 "latent-mini-gpu": {**LATENT_F4, **_candidate("mini", 1, 512, "1e-3", 12000)}},
             # Guidance 6 inside timesteps 80-580 only (sigma in about 0.28 to 5.4).
             generator_probes=(("-g6-interval80-580", {"sample.guidance_scale": "6",
