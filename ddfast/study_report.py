@@ -469,8 +469,7 @@ def generators(study) -> list[dict]:
             row["val"] = {k: point[k] for k in ("fidelity", "fd", "precision", "recall",
                                                 "coverage")}
         row["quality"] = _json(work / "quality" / f"dit-r0-ipc{EXACT_IPC}.json")
-        cell = _json(work / "evals" / f"dit-r0-ipc{EXACT_IPC}-dc.json")
-        row["accuracy"] = None if cell is None else cell["acc_best"]
+        row["accuracy"] = _acc(work / "evals" / f"dit-r0-ipc{EXACT_IPC}-dc.json")
         trip = _json(work / "evals" / f"{ROUNDTRIP}-r0-ipc{EXACT_IPC}-dc.json")
         q = study.scale.val_per_class
         if trip is not None:
@@ -486,8 +485,7 @@ def generators(study) -> list[dict]:
                 "vae": (summary or {}).get("vae") or _json(work / "base" / "vae.json")}
         row["probes"] = {}
         for tag, _ in study.scale.generator_probes:
-            cell = _json(work / "evals" / f"dit{tag}-r0-ipc{EXACT_IPC}-dc.json")
-            row["probes"][tag] = None if cell is None else cell["acc_best"]
+            row["probes"][tag] = _acc(work / "evals" / f"dit{tag}-r0-ipc{EXACT_IPC}-dc.json")
         rows.append(row)
     # The table compares candidates with this study's generator: none measured, no table.
     return rows if any(r.get("settings") for r in rows[1:]) else []
