@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -97,6 +98,15 @@ class Scale:
     # class's most confident images). What the best generator sampled this way can score.
     exact_guidance: tuple[float, ...] = ()
     exact_draws: int = 3
+    # The same draws (``exact_draws`` at each of these guidance scales, a classifier seed per
+    # draw) under the IDC recipe too: whether its augmentation leaves a perfect generator the
+    # margin the DC/DSA recipe gives it.
+    exact_small: tuple[float, ...] = ()
+    # Latent scales: the exact generator's draws at these guidance scales, encoded and decoded
+    # (posterior mean) by the study's own autoencoder, under each of the study's recipes at IPC
+    # 10: what a DiT that matched its training latents exactly would score, the autoencoder's
+    # loss included.
+    exact_roundtrip: tuple[float, ...] = ()
     # The generator's closest samples at IPC 10 (DC/DSA recipe, computed with ``dit``): from a
     # pool of ``matched_pool`` samples per class of the from-scratch model (the chosen sampling
     # setting, repeat 0's seeds), for each image of the random-real set the nearest sample not
@@ -142,6 +152,13 @@ class Scale:
     generator_probes: tuple[tuple[str, dict], ...] = ()
 
     def __post_init__(self):
+        if self.exact_small and "small" not in self.protocols:
+            raise ValueError("Scale.exact_small evaluates under the IDC recipe, which this scale's "
+                             "protocols lack; add \"small\" to protocols or drop exact_small")
+        if self.exact_roundtrip and self.base.get("model.vae", "none") == "none":
+            raise ValueError("Scale.exact_roundtrip goes through the study's autoencoder, and this "
+                             "scale's generator has none (base model.vae); drop exact_roundtrip "
+                             "or give the scale a latent generator")
         # A pool at or below select_pool holds no sample the selection pool lacks (the same
         # seeds drawn on), so its row could not show what more samples buy; an IPC outside
         # select_ipc has no pool-of-select_pool row to stand beside.
@@ -206,15 +223,17 @@ SCALES = {
     # recipe (about 12 min of one core per IPC-10 evaluation) with 3 repeats at IPC 1 and 10, and
     # the IDC recipe beside it, also 3 repeats at IPC 1 and 10 (2,000 steps with CutMix at IPC
     # 10, 12 to 17 min); the exact-generator reference at IPC 10 (guidance 1, 2, 4: three
-    # draws each; inf: one set; 10 DC evaluations, about 2 h of one core); no ablations.
+    # draws each; inf: one set; 10 DC evaluations, about 2 h of one core), the draws at
+    # guidance 2 and 4 under the IDC recipe too (6 evaluations); no ablations.
     "cpu": {
         "digits": Scale(ipc=(1, 10), repeats=3, protocols=("dc", "small"), full_epochs=100,
                         ablations=True, small_repeats=1, ablation_repeats=2,
                         lambda_g_factors=(0.0, 25.0, 250.0, 2500.0)),
         "fashion-mnist": Scale(
             **FMNIST_CPU_CELLS,
-            exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3, matched_pool=200,
-            select_pool=200, select_protocols=("dc", "small"), larger_pools=(1000,),
+            exact_guidance=(1.0, 2.0, 4.0, math.inf), exact_draws=3, exact_small=(2.0, 4.0),
+            matched_pool=200, select_pool=200, select_protocols=("dc", "small"),
+            larger_pools=(1000,),
             anchor_grid=(0.1, 0.2, 0.3, 0.5, 0.7),
             sampling_grid=((1.0, "ddpm", 50), (2.0, "ddpm", 50), (3.0, "ddpm", 50),
                            (4.0, "ddpm", 50), (6.0, "ddpm", 50), (2.0, "ddim", 50),
@@ -272,10 +291,13 @@ SCALES = {
     # sampling setting chosen on the held-out images by the accuracy of a classifier trained on
     # each setting's IPC-10 set (the criterion the cpu study's measurements argue for). The
     # measurements that do not depend on the generator (exact generator, candidates) stay the
-    # cpu study's; IPC 50 once per method, as there.
+    # cpu study's, but for the exact generator's draws at guidance 2 through this study's
+    # autoencoder under both recipes (the pixel study's draws, the same classifier and pool):
+    # what a DiT that matched these latents exactly would score. IPC 50 once per method, as
+    # there.
     "cpu-latent": {
         "fashion-mnist": Scale(
-            **FMNIST_CPU_CELLS, sampling_criterion="accuracy",
+            **FMNIST_CPU_CELLS, sampling_criterion="accuracy", exact_roundtrip=(2.0,),
             sampling_grid=((1.0, "ddpm", 50), (1.5, "ddpm", 50), (2.0, "ddpm", 50),
                            (3.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddpm", 50, "80,580"), (6.0, "ddpm", 50, "80,580")),
@@ -309,7 +331,17 @@ REAL_PER_CLASS = 1000  # real images per class in the diversity reference
 
 
 EXACT_IPC = 10  # the IPC of the exact-generator reference
-ROUNDTRIP = "roundtrip"  # cells of real images through a latent candidate's autoencoder
+ROUNDTRIP = "roundtrip"  # cells of real images through a latent generator's autoencoder
+
+
+class ExactPoint(NamedTuple):
+    """One exact-generator cell: draw ``draw`` at ``guidance``, under ``protocol``, through the
+    autoencoder or not (``roundtrip``), cached as ``evals/<key>.json``."""
+    guidance: float
+    draw: int
+    protocol: str
+    roundtrip: bool
+    key: str
 
 
 def exact_draw(own: torch.Tensor, labels: torch.Tensor, ipc: int, guidance: float, draw: int,
@@ -395,7 +427,7 @@ class Study:
             self.base["run.compile"] = "true"
         self.base["run.progress"] = "on" if progress else "off"
         self._data = self._real = self._full = self._test_f = self._val = self._means = None
-        self._pool = self._train_f = None
+        self._pool = self._train_f = self._vae = None
         self._anchors: dict[int, dict] = {}
         self._sampling = None
         # Compute runs, not evaluations (``--runs-only``): the classifier cells and the test-split
@@ -625,6 +657,8 @@ class Study:
                 "epochs": res["epochs"], "seconds": res["seconds"],
                 "threads": torch.get_num_threads() if torch.device(res.get("device", "cpu")).type
                 == "cpu" else 0,
+                # The machine: rounding, so a cell's figures, differ between kinds of CPU.
+                "machine": device_name(str(res.get("device", "cpu"))),
                 "pairwise": div["pairwise"], "coverage": div["coverage"]}
         write_json(path, cell)
         return cell
@@ -685,10 +719,23 @@ class Study:
             self._val = (x, train.labels[idx], self._features(x))
         return self._val
 
-    def exact_set(self, guidance: float, draw: int, ipc: int = EXACT_IPC):
+    def exact_set(self, guidance: float, draw: int, ipc: int = EXACT_IPC,
+                  roundtrip: bool = False):
         """(images, labels) of the exact-generator reference: ``ipc`` training images per class
         (the images every run trains on) drawn by ``exact_draw``, with p(c|x) the full-data
-        classifier's softmax."""
+        classifier's softmax; with ``roundtrip``, those images encoded and decoded by the
+        study's autoencoder (the one its from-scratch DiT was trained on)."""
+        if roundtrip:
+            from ddfast.autoencoder import reconstruct
+            from ddfast.models import load_vae
+
+            x, y = self.exact_set(guidance, draw, ipc)
+            if self._vae is None:
+                if self.config("probe", {}).model.vae == "none":
+                    raise ConfigError("a round trip needs a latent generator; this study's "
+                                      "works in pixel space (model.vae none)")
+                self._vae = load_vae(self.pretrained())
+            return reconstruct(self._vae, x), y
         from ddfast.train import training_indices
 
         train, _, _ = self.data()
@@ -944,10 +991,20 @@ class Study:
         return x, y
 
     def exact_points(self):
-        """(guidance, draw, cell key) of every exact-generator cell of this scale."""
-        for g in self.scale.exact_guidance:
-            for d in range(1 if math.isinf(g) else self.scale.exact_draws):
-                yield g, d, f"exact-g{g:g}-d{d}-ipc{EXACT_IPC}-dc"
+        """Every exact-generator cell of this scale (``ExactPoint``): the draws of
+        ``exact_guidance`` under the DC/DSA recipe, of ``exact_small`` under IDC's, then those of
+        ``exact_roundtrip`` through the autoencoder under each recipe of the study at IPC 10.
+        Draw d is evaluated with classifier seed d, as repeat d of a method's set is."""
+        s = self.scale
+        groups = [*((g, "dc", False) for g in s.exact_guidance),
+                  *((g, "small", False) for g in s.exact_small),
+                  *((g, p, True) for g in s.exact_roundtrip for p in s.protocols
+                    if s.evaluates(p, EXACT_IPC))]
+        for g, proto, trip in groups:
+            tag = f"{ROUNDTRIP}-" if trip else ""
+            for d in range(1 if math.isinf(g) else s.exact_draws):
+                yield ExactPoint(g, d, proto, trip,
+                                 f"exact-{tag}g{g:g}-d{d}-ipc{EXACT_IPC}-{proto}")
 
     def sampling(self) -> dict:
         """The sampling settings every distilled set uses: the grid point whose samples lie
@@ -1228,9 +1285,10 @@ class Study:
                                       "pixel_change_mean": float(diff.mean()),
                                       "pixel_change_max": float(diff.max())})
         if "random" in methods and EXACT_IPC in wanted and EXACT_IPC in s.ipc:
-            for g, d, key in self.exact_points():
-                x, y = self.exact_set(g, d)
-                self.evaluate_cell(key, x, y, "dc", d)
+            for p in self.exact_points():  # a round trip needs the autoencoder: only if missing
+                if not (self.work / "evals" / f"{p.key}.json").is_file():
+                    x, y = self.exact_set(p.guidance, p.draw, roundtrip=p.roundtrip)
+                    self.evaluate_cell(p.key, x, y, p.protocol, p.draw)
         if "dit" in methods and s.matched_pool and EXACT_IPC in wanted and EXACT_IPC in s.ipc:
             keys = [self.matched_key(r) for r in range(s.repeats)]
             if not all((self.work / "evals" / f"{k}.json").is_file() for k in keys):

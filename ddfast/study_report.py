@@ -116,6 +116,9 @@ def collect(study) -> dict:
     evals = [json.loads(p.read_text()) for p in sorted((study.work / "evals").glob("*.json"))]
     eval_seconds = sum(c["seconds"] for c in evals)
     threads = sorted({c["threads"] for c in evals if c.get("threads")})
+    machines = {}
+    for c in evals:
+        machines[c.get("machine")] = machines.get(c.get("machine"), 0) + 1
     sampling_path = study.work / "sampling.json"
     return {
         "exact": exact(study),
@@ -139,7 +142,8 @@ def collect(study) -> dict:
                      "epoch_refreshes": s.epoch_refreshes,
                      "exact_guidance": [str(g) if g == float("inf") else g
                                         for g in s.exact_guidance],
-                     "exact_draws": s.exact_draws, "matched_pool": s.matched_pool,
+                     "exact_draws": s.exact_draws, "exact_small": list(s.exact_small),
+                     "exact_roundtrip": list(s.exact_roundtrip), "matched_pool": s.matched_pool,
                      "select_pool": s.select_pool, "select_ipc": list(s.select_ipc),
                      "select_protocols": list(s.select_protocols),
                      "larger_pools": list(s.larger_pools),
@@ -148,6 +152,9 @@ def collect(study) -> dict:
         "device": device_name(study.device), "torch": torch.__version__,
         # The CPU threads of each evaluation (cells from before this was recorded carry none).
         "eval_threads": threads,
+        # The evaluations by machine (None: cells from before this was recorded).
+        "eval_machines": [{"machine": m, "cells": n} for m, n in
+                          sorted(machines.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))],
         "rows": rows, "ablations": ablations,
         "full": None if full is None else {"accuracy": full["last"], "epochs": full["epochs"],
                                            "num_train": full["num_train"]},
@@ -171,23 +178,35 @@ def _distilled_set(work: Path, run: str, ipc: int):
 
 
 def exact(study) -> list[dict]:
-    """The exact-generator reference (IPC 10, DC/DSA recipe), one row per guidance scale:
-    accuracy and diversity over its draws ("inf" for the most confident images)."""
+    """The exact-generator reference (IPC 10), one row per recipe, set (the training images
+    drawn, or their round trip through the autoencoder) and guidance scale: accuracy and
+    diversity over its draws ("inf" for the most confident images), and each draw's accuracy
+    minus that of random real images under the same recipe and classifier seed."""
     import math
 
+    from ddfast.study import EXACT_IPC
+
     rows = {}
-    for g, _d, key in study.exact_points():
-        path = study.work / "evals" / f"{key}.json"
-        row = rows.setdefault(g, {"guidance": "inf" if math.isinf(g) else g, "cells": []})
-        if path.is_file():
-            row["cells"].append(json.loads(path.read_text()))
+    for p in study.exact_points():
+        g = p.guidance
+        row = rows.setdefault((p.protocol, p.roundtrip, g), {
+            "guidance": "inf" if math.isinf(g) else g, "protocol": p.protocol,
+            "set": "roundtrip" if p.roundtrip else "images", "cells": []})
+        cell = _json(study.work / "evals" / f"{p.key}.json")
+        if cell is not None:
+            row["cells"].append(cell)
     out = []
-    for g, row in rows.items():
+    for (proto, _trip, g), row in rows.items():
         cells = row.pop("cells")
+        gaps = []
+        for c in cells:
+            real = _json(study.work / "evals" / f"random-r{c['seed']}-ipc{EXACT_IPC}-{proto}.json")
+            gaps.append(None if real is None else c["acc_best"] - real["acc_best"])
         out.append({**row, "draws": 1 if math.isinf(g) else study.scale.exact_draws,
                     "accuracy": _stats(cells), "pairwise": _stats(cells, "pairwise"),
                     "coverage": _stats(cells, "coverage"),
-                    "repeats": [c["acc_best"] for c in cells]})
+                    "repeats": [c["acc_best"] for c in cells],
+                    "seeds": [c["seed"] for c in cells], "minus_random": gaps})
     return out
 
 
@@ -565,6 +584,8 @@ def generator_lines(res: dict) -> list[str]:
     chosen = (res.get("sampling") or {}).get("chosen") or {}
     g = chosen.get("sample.guidance_scale")
     for p in res.get("exact") or []:
+        if (p.get("protocol", "dc"), p.get("set", "images")) != ("dc", "images"):
+            continue
         if g is not None and p["guidance"] != "inf" and float(g) == p["guidance"] \
                 and p["accuracy"]:
             bar.append(f"the exact generator at guidance {g} {_fmt(p['accuracy'])}")
@@ -641,46 +662,74 @@ def _diversity(row: dict) -> tuple[str, str]:
 
 
 def exact_lines(res: dict) -> list[str]:
-    """The exact-generator table, with the random-real and generated rows of the same IPC and
-    recipe beside it."""
+    """The exact-generator tables, one per recipe, with the random-real and generated rows of
+    the same IPC and recipe beside them."""
     from ddfast.study import EXACT_IPC
 
     chosen = (res.get("sampling") or {}).get("chosen") or {}
-    lines = [f"What an exact generator would score (IPC {EXACT_IPC}, DC/DSA recipe): training "
+    study_g = chosen.get("sample.guidance_scale")
+    exact_rows = res.get("exact") or []
+    trip = any(p.get("set") == "roundtrip" for p in exact_rows)
+    lines = [f"What an exact generator would score (IPC {EXACT_IPC}): training "
              "images drawn as a generator that matched its training data exactly would draw "
              "them under classifier-free guidance g, from p(x|c) p(c|x)^(g-1) with p(c|x) the "
-             "full-data ConvNet-3's softmax; g = inf takes each class's most confident images. "
-             "Mean [min, max] over the draws, one evaluation each (k of n where only k have "
-             "run); then, where the scale draws a pool for it, the generator's closest "
+             "full-data ConvNet-3's softmax; g = inf takes each class's most confident images."
+             + (" A round trip is such a draw encoded and decoded by the study's autoencoder: "
+                "what a DiT that matched its training latents exactly would give." if trip
+                else "")
+             + " Mean [min, max] over the draws, one evaluation each (k of n where only k have "
+             "run), and each draw minus random real images under the same classifier seed; "
+             "then, where the scale draws a pool for it, the generator's closest "
              "samples (a set picked with the real images' help: a measurement of the "
              "generator, not a method); below them, the study's own sets of the same IPC and "
-             "recipe over their repeats.", "",
-             "| set | runs | accuracy | pairwise | coverage |", "|---|---:|---:|---:|---:|"]
-    for p in res["exact"]:
-        acc = p["accuracy"]
-        short = acc is not None and acc["n"] < p["draws"]
-        pw, cov = _diversity(p)
-        g, study_g = p["guidance"], chosen.get("sample.guidance_scale")
-        label = "inf" if g == "inf" else f"{g:g}"
-        note = " (the study's)" if g != "inf" and study_g is not None and float(study_g) == g \
-            else ""
-        count = f" ({acc['n']} of {p['draws']})" if short else ""
-        lines.append(f"| exact generator, guidance {label}{note} | {p['draws']} | {_fmt(acc)}"
-                     f"{count} | {pw} | {cov} |")
-    m = res.get("matched")
-    if m:
-        acc = m["accuracy"]
-        pw, cov = _diversity(m)
-        count = f" ({acc['n']} of {m['runs']})" if acc is not None and acc["n"] < m["runs"] else ""
-        lines.append(f"| the generator's closest samples: for each random-real image, the "
-                     f"nearest of {m['pool']} per class (one set) | {m['runs']} | {_fmt(acc)}"
-                     f"{count} | {pw} | {cov} |")
-    for r in res["rows"]:
-        if (r["protocol"], r["ipc"]) == ("dc", EXACT_IPC) and r["accuracy"] is not None:
-            pw, cov = _diversity(r)
-            lines.append(f"| {LABELS[r['method']]} | {r['accuracy']['n']} | "
-                         f"{_fmt(r['accuracy'])} | {pw} | {cov} |")
+             "recipe over their repeats."]
+    protos = [q for q in ("dc", "small")
+              if q == "dc" or any(p.get("protocol", "dc") == q for p in exact_rows)]
+    for proto in protos:
+        lines += ["", f"{PROTOCOL_NAMES[proto]}:", "",
+                  "| set | runs | accuracy | pairwise | coverage | minus random real, per draw |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for p in (p for p in exact_rows if p.get("protocol", "dc") == proto):
+            acc = p["accuracy"]
+            short = acc is not None and acc["n"] < p["draws"]
+            pw, cov = _diversity(p)
+            g = p["guidance"]
+            label = "inf" if g == "inf" else f"{g:g}"
+            note = " (the study's)" if g != "inf" and study_g is not None \
+                and float(study_g) == g else ""
+            through = ", round trip through the autoencoder" if p.get("set") == "roundtrip" \
+                else ""
+            count = f" ({acc['n']} of {p['draws']})" if short else ""
+            gaps = ", ".join("-" if v is None else f"{v:+.1f}"
+                             for v in p.get("minus_random") or []) or "-"
+            lines.append(f"| exact generator, guidance {label}{note}{through} | {p['draws']} | "
+                         f"{_fmt(acc)}{count} | {pw} | {cov} | {gaps} |")
+        m = res.get("matched")
+        if m and proto == "dc":
+            acc = m["accuracy"]
+            pw, cov = _diversity(m)
+            count = f" ({acc['n']} of {m['runs']})" if acc is not None and acc["n"] < m["runs"] \
+                else ""
+            lines.append(f"| the generator's closest samples: for each random-real image, the "
+                         f"nearest of {m['pool']} per class (one set) | {m['runs']} | "
+                         f"{_fmt(acc)}{count} | {pw} | {cov} | - |")
+        for r in res["rows"]:
+            if (r["protocol"], r["ipc"]) == (proto, EXACT_IPC) and r["accuracy"] is not None:
+                pw, cov = _diversity(r)
+                lines.append(f"| {LABELS[r['method']]} | {r['accuracy']['n']} | "
+                             f"{_fmt(r['accuracy'])} | {pw} | {cov} | - |")
     return lines
+
+
+def _machines(res: dict) -> str:
+    """Where the evaluations ran, as far as their cells record it ("" where none does)."""
+    known = [m for m in res.get("eval_machines") or [] if m["machine"] is not None]
+    if not known:
+        return ""
+    text = ", ".join(f"{m['machine']} ({m['cells']})" for m in known)
+    older = sum(m["cells"] for m in res["eval_machines"] if m["machine"] is None)
+    return (f" Evaluation cells by machine: {text}"
+            + (f"; {older} earlier cells do not record theirs." if older else "."))
 
 
 def markdown(res: dict) -> str:
@@ -694,7 +743,7 @@ def markdown(res: dict) -> str:
              f"torch {res['torch']}; wall time {res['seconds']['total'] / 60:.1f} min "
              f"(runs {res['seconds']['runs'] / 60:.1f}, evaluations "
              f"{res['seconds']['evaluations'] / 60:.1f}, full-data classifier "
-             f"{res['seconds']['full_data'] / 60:.1f}).", "",
+             f"{res['seconds']['full_data'] / 60:.1f})." + _machines(res), "",
              f"Settings: {json.dumps(res['settings'])}.", ""]
     for proto in res["settings"]["protocols"]:
         rows = [r for r in res["rows"] if r["protocol"] == proto]
@@ -994,7 +1043,7 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
     run whose distilled set is not on disk (a checkout of committed results holds no distilled
     images) keeps the grid already written for it."""
     from ddfast.eval.protocol import load_source_set
-    from ddfast.study import EXACT_IPC, METHODS
+    from ddfast.study import EXACT_IPC, METHODS, ROUNDTRIP
 
     ipc = min(columns, max(study.scale.ipc))
     paths = []
@@ -1020,11 +1069,16 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
             paths.append(_write_grid(path, got[0], EXACT_IPC))
         elif path.is_file():
             paths.append(path)
-    for g, d, key in study.exact_points():  # draw 0 of each, once its cell is computed (then
-        # the full-data classifier that draws it is on disk: a report never trains one)
-        if d == 0 and (study.work / "evals" / f"{key}.json").is_file():
-            x, _ = study.exact_set(g, 0)
-            paths.append(_write_grid(out / "grids" / f"exact-g{g:g}.png", x, EXACT_IPC))
+    drawn = set()
+    for p in study.exact_points():  # draw 0 of each, once a cell of it is computed (then the
+        # full-data classifier that draws it, and the autoencoder of a round trip, are on
+        # disk: a report never trains either)
+        name = f"exact-{ROUNDTRIP + '-' if p.roundtrip else ''}g{p.guidance:g}.png"
+        if p.draw == 0 and name not in drawn and (study.work / "evals" / f"{p.key}.json") \
+                .is_file():
+            drawn.add(name)
+            x, _ = study.exact_set(p.guidance, 0, roundtrip=p.roundtrip)
+            paths.append(_write_grid(out / "grids" / name, x, EXACT_IPC))
     path = out / "grids" / "matched.png"
     if study.scale.matched_pool and (study.work / "evals" / f"{study.matched_key(0)}.json") \
             .is_file():

@@ -10,7 +10,7 @@ import torch
 
 from ddfast.errors import ConfigError
 from ddfast.study import METHODS, SCALES, Study, main
-from ddfast.study_report import logged_seconds
+from ddfast.study_report import PROTOCOL_NAMES, logged_seconds
 
 pytestmark = pytest.mark.slow
 
@@ -738,6 +738,85 @@ def test_the_exact_generator_reference_is_drawn_from_the_training_pool(study_dir
     for g in (2.0, math.inf):
         ref = _write_grid(study_dir / "ref.png", study.exact_set(g, 0)[0], 10).read_bytes()
         assert (study_dir / "grids" / f"exact-g{g:g}.png").read_bytes() == ref
+
+
+def test_the_exact_generator_under_idc_and_through_the_studys_autoencoder(study_dir, tmp_path,
+                                                                          monkeypatch):
+    from ddfast.autoencoder import reconstruct
+    from ddfast.models import load_vae
+    from ddfast.study_report import _write_grid
+
+    smoke = SCALES["smoke"]["digits"]
+    base = {**smoke.base, "model.vae": "small-f4", "model.patch_size": "1",
+            "pretrain.vae_steps": "20"}
+    scale = dataclasses.replace(
+        smoke, ipc=(10,), ipc_once=(), protocols=("dc", "small"), small_ipc=(10,),
+        exact_guidance=(2.0,), exact_small=(2.0,), exact_roundtrip=(2.0,), exact_draws=1,
+        base=base, sampling_grid=(), matched_pool=0, select_pool=0, larger_pools=(),
+        anchor_grid=(), lambda_g_factors=(), ablations=False, quality_per_class=0,
+        generators={}, generator_probes=())
+    monkeypatch.setitem(SCALES["smoke"], "digits", scale)
+    out = tmp_path / "latent"
+    shutil.copytree(study_dir / "work" / "full", out / "work" / "full")  # not trained again
+    study = Study("digits", "smoke", out)
+    study.run_all(("random",))
+    points = list(study.exact_points())
+    assert [(p.protocol, p.roundtrip, p.key) for p in points] == [
+        ("dc", False, "exact-g2-d0-ipc10-dc"), ("small", False, "exact-g2-d0-ipc10-small"),
+        ("dc", True, "exact-roundtrip-g2-d0-ipc10-dc"),
+        ("small", True, "exact-roundtrip-g2-d0-ipc10-small")]
+    cells = {p.key: _cell(out, p.key) for p in points}
+    assert [(c["protocol"], c["seed"], c["ipc"]) for c in cells.values()] == [
+        (p.protocol, 0, 10) for p in points]
+    # The round trip is the raw draw through the autoencoder the from-scratch DiT trained on.
+    x, y = study.exact_set(2.0, 0)
+    vae = load_vae(study.pretrained())
+    trip, trip_y = study.exact_set(2.0, 0, roundtrip=True)
+    assert torch.equal(trip_y, y) and torch.equal(trip, reconstruct(vae, x))
+    assert not torch.equal(trip, x)
+    own = load_vae(out / "work" / "base" / "vae").state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in vae.state_dict().items())
+    # The report: a row per recipe and set, each draw against random real of the same seed.
+    study.report()
+    res = json.loads((out / "results.json").read_text())
+    assert [(p["protocol"], p["set"], p["draws"]) for p in res["exact"]] == [
+        ("dc", "images", 1), ("small", "images", 1), ("dc", "roundtrip", 1),
+        ("small", "roundtrip", 1)]
+    for p, point in zip(res["exact"], points, strict=True):
+        real = _cell(out, f"random-r0-ipc10-{point.protocol}")["acc_best"]
+        assert p["repeats"] == [cells[point.key]["acc_best"]]
+        assert p["minus_random"] == [cells[point.key]["acc_best"] - real]
+    # Every cell records the machine it ran on (rounding differs between kinds of CPU).
+    from ddfast.study import device_name
+
+    machine, count = device_name("cpu"), len(list((out / "work" / "evals").glob("*.json")))
+    assert {c["machine"] for c in cells.values()} == {machine}
+    assert res["eval_machines"] == [{"machine": machine, "cells": count}]
+    assert f"Evaluation cells by machine: {machine} ({count})." in \
+        (out / "results.md").read_text().splitlines()[0]
+    md = (out / "results.md").read_text().split("What an exact generator would score")[1]
+    for proto in ("dc", "small"):
+        table = md.split(PROTOCOL_NAMES[proto] + ":\n\n")[1].split("\n\n")[0]
+        want = [f"| exact generator, guidance 2{through} | 1 | "
+                for through in ("", ", round trip through the autoencoder")] + \
+            ["| random real | 1 | "]
+        assert [any(line.startswith(w) for line in table.splitlines()) for w in want] == \
+            [True] * 3, table
+    for name, images in (("exact-g2", x), ("exact-roundtrip-g2", trip)):
+        ref = _write_grid(tmp_path / "ref.png", images, 10).read_bytes()
+        assert (out / "grids" / f"{name}.png").read_bytes() == ref
+
+
+def test_exact_cells_the_scale_cannot_compute_are_refused():
+    smoke = SCALES["smoke"]["digits"]  # pixel space, DC/DSA recipe alone
+    with pytest.raises(ValueError, match="IDC recipe"):
+        dataclasses.replace(smoke, exact_small=(2.0,))
+    with pytest.raises(ValueError, match="autoencoder"):
+        dataclasses.replace(smoke, exact_roundtrip=(2.0,))
+    latent = dataclasses.replace(smoke, base={**smoke.base, "model.vae": "small-f4"},
+                                 exact_roundtrip=(2.0,), protocols=("dc", "small"),
+                                 exact_small=(4.0,))
+    assert (latent.exact_roundtrip, latent.exact_small) == ((2.0,), (4.0,))
 
 
 def test_a_candidate_generator_is_measured_in_a_study_of_its_own(study_dir, tmp_path, capsys):
