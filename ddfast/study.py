@@ -291,13 +291,14 @@ SCALES = {
     # sampling setting chosen on the held-out images by the accuracy of a classifier trained on
     # each setting's IPC-10 set (the criterion the cpu study's measurements argue for). The
     # measurements that do not depend on the generator (exact generator, candidates) stay the
-    # cpu study's, but for the exact generator's draws at guidance 2 through this study's
-    # autoencoder under both recipes (the pixel study's draws, the same classifier and pool):
-    # what a DiT that matched these latents exactly would score. IPC 50 once per method, as
-    # there.
+    # cpu study's, but for the exact generator's draws at guidance 2 and 4 through this study's
+    # autoencoder under both recipes (the pixel study's draws, the same classifier and pool;
+    # 12 evaluations): what a DiT that matched these latents exactly would score. IPC 50 once
+    # per method, as there.
     "cpu-latent": {
         "fashion-mnist": Scale(
-            **FMNIST_CPU_CELLS, sampling_criterion="accuracy", exact_roundtrip=(2.0,),
+            **FMNIST_CPU_CELLS, sampling_criterion="accuracy",
+            exact_roundtrip=(2.0, 4.0),
             sampling_grid=((1.0, "ddpm", 50), (1.5, "ddpm", 50), (2.0, "ddpm", 50),
                            (3.0, "ddpm", 50), (2.0, "ddim", 50),
                            (4.0, "ddpm", 50, "80,580"), (6.0, "ddpm", 50, "80,580")),
