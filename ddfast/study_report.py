@@ -739,11 +739,13 @@ def markdown(res: dict) -> str:
     threads = res.get("eval_threads") or []
     on = (f" ({'/'.join(map(str, threads))} thread{'s' if threads != [1] else ''} per "
           f"evaluation)" if threads else "")
-    lines = [f"Dataset **{res['dataset']}**, scale `{res['scale']}`, device {res['device']}{on}, "
+    # The cells may come from several machines; the one named here only wrote the report.
+    lines = [f"Dataset **{res['dataset']}**, scale `{res['scale']}`{on}, "
              f"torch {res['torch']}; wall time {res['seconds']['total'] / 60:.1f} min "
              f"(runs {res['seconds']['runs'] / 60:.1f}, evaluations "
              f"{res['seconds']['evaluations'] / 60:.1f}, full-data classifier "
-             f"{res['seconds']['full_data'] / 60:.1f})." + _machines(res), "",
+             f"{res['seconds']['full_data'] / 60:.1f})." + _machines(res)
+             + f" Report written on {res['device']}.", "",
              f"Settings: {json.dumps(res['settings'])}.", ""]
     for proto in res["settings"]["protocols"]:
         rows = [r for r in res["rows"] if r["protocol"] == proto]
