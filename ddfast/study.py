@@ -1121,8 +1121,10 @@ class Study:
                     self.root, self.progress, compile=self.compile)
         sub.runs_only = self.runs_only
         point = self.sampling_point()
+        # The exact generator draws real images: its cells are this study's, not each
+        # candidate's.
         sub.scale = replace(self.scale, sampling_grid=(point,) if point else (),
-                            exact_guidance=(), generators={})
+                            exact_guidance=(), exact_small=(), exact_roundtrip=(), generators={})
         sub.base.update(self.scale.generators[name])
         sub._data, sub._full = self.data(), self.full_classifier()
         return sub

@@ -819,6 +819,18 @@ def test_exact_cells_the_scale_cannot_compute_are_refused():
     assert (latent.exact_roundtrip, latent.exact_small) == ((2.0,), (4.0,))
 
 
+def test_a_candidates_study_leaves_the_exact_generator_to_the_study(study_dir):
+    # The exact generator draws real images: a candidate's study of the methods (--generators
+    # with --methods) would only repeat the study's cells.
+    study = Study("digits", "smoke", study_dir)
+    study.scale = dataclasses.replace(study.scale, protocols=("dc", "small"), exact_small=(2.0,),
+                                      base={**study.scale.base, "model.vae": "small-f4"},
+                                      exact_roundtrip=(2.0,))
+    assert list(study.exact_points())
+    sub = study.generator_study(next(iter(study.scale.generators)))
+    assert list(sub.exact_points()) == []
+
+
 def test_a_candidate_generator_is_measured_in_a_study_of_its_own(study_dir, tmp_path, capsys):
     import shutil
 
