@@ -1072,15 +1072,20 @@ def grids(study, out: Path, columns: int = 10) -> list[Path]:
         elif path.is_file():
             paths.append(path)
     drawn = set()
+    vae = (study.work / "base" / "pretrained" / "vae" / "config.json").is_file()
     for p in study.exact_points():  # draw 0 of each, once a cell of it is computed (then the
-        # full-data classifier that draws it, and the autoencoder of a round trip, are on
-        # disk: a report never trains either)
+        # full-data classifier that draws it is on disk: a report never trains one); a round
+        # trip's only where the autoencoder is too, else its grid stays as it was written
         name = f"exact-{ROUNDTRIP + '-' if p.roundtrip else ''}g{p.guidance:g}.png"
-        if p.draw == 0 and name not in drawn and (study.work / "evals" / f"{p.key}.json") \
-                .is_file():
-            drawn.add(name)
-            x, _ = study.exact_set(p.guidance, 0, roundtrip=p.roundtrip)
-            paths.append(_write_grid(out / "grids" / name, x, EXACT_IPC))
+        if p.draw or name in drawn or not (study.work / "evals" / f"{p.key}.json").is_file():
+            continue
+        drawn.add(name)
+        if p.roundtrip and not vae:
+            if (out / "grids" / name).is_file():
+                paths.append(out / "grids" / name)
+            continue
+        x, _ = study.exact_set(p.guidance, 0, roundtrip=p.roundtrip)
+        paths.append(_write_grid(out / "grids" / name, x, EXACT_IPC))
     path = out / "grids" / "matched.png"
     if study.scale.matched_pool and (study.work / "evals" / f"{study.matched_key(0)}.json") \
             .is_file():

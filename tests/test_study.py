@@ -805,6 +805,12 @@ def test_the_exact_generator_under_idc_and_through_the_studys_autoencoder(study_
     for name, images in (("exact-g2", x), ("exact-roundtrip-g2", trip)):
         ref = _write_grid(tmp_path / "ref.png", images, 10).read_bytes()
         assert (out / "grids" / f"{name}.png").read_bytes() == ref
+    # Without the autoencoder's weights the report keeps the round trip's grid, training nothing.
+    shutil.rmtree(out / "work" / "base" / "pretrained" / "vae")
+    (out / "grids" / "exact-roundtrip-g2.png").write_bytes(b"kept")
+    Study("digits", "smoke", out).report()
+    assert (out / "grids" / "exact-roundtrip-g2.png").read_bytes() == b"kept"
+    assert not (out / "work" / "base" / "pretrained" / "vae").exists()
 
 
 def test_exact_cells_the_scale_cannot_compute_are_refused():
